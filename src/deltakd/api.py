@@ -1,0 +1,107 @@
+"""Python entry points: ``train``, ``evaluate``, ``list_recipes``. The CLI only calls these."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from .errors import DeltakdError
+from .recipe import Recipe, dump_recipe, load_recipe
+from .runs import RunDir, find_resumable, load_run_recipe, new_run_dir
+from .trackers import check_trackers
+from .utils import atomic_write_json
+
+
+def _distributed_state():
+    """accelerate's process state (initialises torch.distributed under torchrun)."""
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def _share(value: str, state) -> str:
+    """The main process's value on every process (a run directory path)."""
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def _same_recipe(saved: Recipe, new: Recipe) -> list[str]:
+    a, b = dump_recipe(saved), dump_recipe(new)
+
+    def diff(x: Any, y: Any, prefix: str) -> list[str]:
+        if isinstance(x, dict) and isinstance(y, dict):
+            return [d for k in sorted(set(x) | set(y)) for d in diff(x.get(k), y.get(k), f"{prefix}{k}.")]
+        return [] if x == y else [prefix.rstrip(".")]
+
+    return diff(a, b, "")
+
+
+def train(recipe: str | Path | Recipe, overrides: Iterable[str] = (), resume: bool = False) -> dict[str, Any]:
+    """Run a recipe and return its results (also in ``results.json`` of the run directory)."""
+    from . import engine
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    check_trackers(recipe.track)
+    state = _distributed_state()
+    run: RunDir | None = None
+    if resume:
+        run = find_resumable(recipe.output_dir, recipe.name)
+        if run is None:
+            raise DeltakdError(f"--resume: no unfinished run of '{recipe.name}' under '{recipe.output_dir}'")
+        changed = _same_recipe(load_run_recipe(run), recipe)
+        if changed:
+            raise DeltakdError(f"--resume: the recipe differs from the one in '{run.path}' at {', '.join(changed)}")
+    prep = engine.prepare(recipe)  # bad data or model fails here, before anything is written
+    if run is None:
+        path = str(new_run_dir(recipe.output_dir, recipe.name).path) if state.is_main_process else ""
+        run = RunDir(Path(_share(path, state)))
+        if state.is_main_process:
+            run.write_recipe(recipe)
+    return engine.train(prep, run, resume=resume, is_main=state.is_main_process)
+
+
+def evaluate(run_dir: str | Path, split: str = "test", batch_size: int | None = None) -> dict[str, float]:
+    """Reload a finished run's model and evaluate it on ``split`` of its task."""
+    from . import engine
+    from .data import load_task
+    from .data.tokenize import tokenize_examples
+    from .models.delta import load_trained
+
+    run = RunDir(Path(run_dir))
+    recipe = load_run_recipe(run)
+    if not run.model_dir.is_dir():
+        raise DeltakdError(f"run '{run.path}' has no model/ (did it finish?)")
+    task = load_task(recipe.task, recipe.train.seed)
+    if split not in task.splits:
+        raise DeltakdError(f"--split: '{split}' not in this task; available: {', '.join(task.splits)}")
+    model, tokenizer = load_trained(run.model_dir)
+    ds = tokenize_examples(task.splits[split], tokenizer, recipe.task.max_length)
+    with tempfile.TemporaryDirectory() as scratch:
+        metrics = engine.evaluate_model(model, tokenizer, ds, task, batch_size or recipe.train.eval_batch_size,
+                                        Path(scratch))
+    atomic_write_json(run.path / f"eval_{split}.json", {"split": split, "metrics": metrics})
+    return metrics
+
+
+def list_recipes(root: str | Path = "recipes") -> list[tuple[str, str]]:
+    """(path, one-line description) of every recipe under ``root`` (partials named ``_*.yaml`` left out)."""
+    out = []
+    for path in sorted(Path(root).rglob("*.yaml")):
+        if path.name.startswith("_"):
+            continue
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError:
+            data = {}
+        desc = str(data.get("description", "")).strip().splitlines()
+        out.append((str(path), desc[0] if desc else ""))
+    return out

@@ -1,0 +1,90 @@
+"""The ``deltakd`` command line: parse, call :mod:`deltakd.api`, print."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import DeltakdError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="deltakd: parameter-efficient fine-tuning, distillation and transfer from YAML recipes.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"deltakd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Run experiments from YAML recipes."""
+
+
+@app.command()
+def train(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+          overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. train.lr=3e-5"),
+          resume: bool = typer.Option(False, "--resume", help="Continue the newest unfinished run of this recipe.")):
+    """Train a recipe; results go to runs/<name>/<timestamp>/."""
+    from . import api
+    from .report.tables import print_results
+
+    results = api.train(recipe, overrides or [], resume=resume)
+    if results:
+        print_results(results, console)
+
+
+@app.command("eval")
+def eval_(run_dir: Path = typer.Argument(..., help="A finished run directory."),
+          split: str = typer.Option("test", "--split", help="valid or test (or train)."),
+          batch_size: Optional[int] = typer.Option(None, "--batch-size")):
+    """Evaluate a run's saved model on a split of its task."""
+    from . import api
+
+    metrics = api.evaluate(run_dir, split, batch_size)
+    table = Table(title=f"{run_dir} [{split}]")
+    for k in metrics:
+        table.add_column(k, justify="right")
+    table.add_row(*[f"{v:.4f}" for v in metrics.values()])
+    console.print(table)
+
+
+@app.command()
+def recipes(root: Path = typer.Argument(Path("recipes"), help="Folder of recipes.")):
+    """List recipes with a one-line description each."""
+    from . import api
+
+    table = Table(show_header=True)
+    table.add_column("recipe")
+    table.add_column("description")
+    for path, desc in api.list_recipes(root):
+        table.add_row(path, desc)
+    console.print(table)
+
+
+def main() -> None:
+    """Console entry point: user errors print one line and exit 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except DeltakdError as e:
+        err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; resume with: deltakd train RECIPE --resume", markup=False)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Tasks and data: registry, readers, splits, tokenisation with an on-disk cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import DeltakdError
+from ..recipe.schema import TaskConfig
+from .readers import Example, read_file, read_hf
+from .splits import k_shot, resplit, subset
+from .tasks import PRESETS, TaskSpec, resolve_task
+
+
+@dataclass
+class TaskData:
+    spec: TaskSpec
+    labels: tuple[str, ...] | None  # class names in id order; None for regression
+    splits: dict[str, list[Example]]  # train / valid / test, label already an id (or a float)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels) if self.labels else 1
+
+
+def load_task(cfg: TaskConfig, seed: int) -> TaskData:
+    """Read, validate, split and sample a task as its recipe section says."""
+    spec = resolve_task(cfg)
+    if cfg.hf is not None:
+        raw = read_hf(cfg.hf, spec)
+    else:
+        if "train" not in spec.files:
+            raise DeltakdError(f"task: no training file found in '{cfg.data_dir}'; set task.train_file")
+        raw = {split: read_file(path, spec) for split, path in spec.files.items()}
+    train = raw["train"]
+    valid = raw.get("valid")
+    test = raw.get("test")
+    if cfg.resplit_valid:
+        train, valid, test = (*resplit(train, cfg.resplit_valid, seed, spec.kind == "classification"), valid)
+    if valid is None:
+        raise DeltakdError("task: no validation data; give task.valid_file or task.resplit_valid: 0.1")
+    if cfg.k_shot is not None:
+        train = k_shot(train, cfg.k_shot.k, cfg.k_shot.per_class, cfg.k_shot.seed)
+    if cfg.max_train_samples:
+        train = subset(train, cfg.max_train_samples, seed)
+    splits = {"train": train, "valid": valid}
+    if test is not None:
+        splits["test"] = test
+    if cfg.max_eval_samples:
+        for name in ("valid", "test"):
+            if name in splits:
+                splits[name] = subset(splits[name], cfg.max_eval_samples, seed)
+    labels = spec.labels
+    if spec.kind == "classification":
+        if labels is None:
+            labels = tuple(sorted({ex["label"] for ex in raw["train"]}, key=_natural))
+        index = {name: i for i, name in enumerate(labels)}
+        for name, examples in splits.items():
+            for ex in examples:
+                if ex["label"] not in index:
+                    raise DeltakdError(f"task: {name} split has label {ex['label']!r}, "
+                                       f"not in the training labels {list(labels)}")
+        splits = {name: [{**ex, "label": index[ex["label"]]} for ex in exs] for name, exs in splits.items()}
+    return TaskData(spec, labels, splits)
+
+
+def _natural(label: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(label))
+    except ValueError:
+        return (1, label)
+
+
+__all__ = ["PRESETS", "Example", "TaskData", "TaskSpec", "load_task", "resolve_task"]

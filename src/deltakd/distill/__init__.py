@@ -1,0 +1,1 @@
+"""Knowledge distillation: loss functions, student/teacher layer maps, loss/lr curriculum."""

@@ -1,0 +1,1 @@
+"""Model loading, PEFT attachment (peft + our bottleneck adapters), saving and reloading."""

@@ -1,0 +1,189 @@
+"""Build a task model with its delta module, save it so it reloads with transformers / peft."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from ..errors import DeltakdError
+from ..recipe.schema import (BottleneckPeft, FullFT, IA3Peft, LoraPeft, ModelConfig, PeftConfig, PrefixPeft,
+                             PromptPeft, PTuningPeft)
+from ..utils import atomic_write_json
+from .hub import load_pretrained, resolve_model_path
+
+META_FILE = "deltakd_model.json"
+
+
+@dataclass(frozen=True)
+class Head:
+    """What the classification head predicts."""
+
+    num_labels: int
+    labels: tuple[str, ...] | None  # class names; None for regression
+
+    @property
+    def problem_type(self) -> str:
+        return "regression" if self.labels is None else "single_label_classification"
+
+    def config_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"num_labels": self.num_labels, "problem_type": self.problem_type}
+        if self.labels:
+            kw["id2label"] = dict(enumerate(self.labels))
+            kw["label2id"] = {n: i for i, n in enumerate(self.labels)}
+        return kw
+
+
+def load_tokenizer(cfg: ModelConfig):
+    return load_pretrained(AutoTokenizer.from_pretrained, cfg.name, "tokenizer",
+                           revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+
+
+def load_base(cfg: ModelConfig, head: Head) -> PreTrainedModel:
+    """The backbone with a fresh head of the right size (an existing head of another size is replaced)."""
+    return load_pretrained(AutoModelForSequenceClassification.from_pretrained, cfg.name, "model",
+                           revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                           ignore_mismatched_sizes=True, **head.config_kwargs())
+
+
+def peft_config(cfg: PeftConfig, base_path: str):
+    """The ``peft`` config object for a recipe's peft section (None for full / bottleneck)."""
+    import peft
+
+    task = peft.TaskType.SEQ_CLS
+    if isinstance(cfg, LoraPeft):
+        return peft.LoraConfig(task_type=task, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                               target_modules=list(cfg.target))
+    if isinstance(cfg, PrefixPeft):
+        return peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens,
+                                       prefix_projection=cfg.projection, encoder_hidden_size=cfg.hidden)
+    if isinstance(cfg, PromptPeft):
+        if cfg.init_text:
+            return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens,
+                                           prompt_tuning_init=peft.PromptTuningInit.TEXT,
+                                           prompt_tuning_init_text=cfg.init_text,
+                                           tokenizer_name_or_path=base_path)
+        return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)
+    if isinstance(cfg, PTuningPeft):
+        return peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens,
+                                        encoder_reparameterization_type=cfg.encoder,
+                                        encoder_hidden_size=cfg.hidden)
+    if isinstance(cfg, IA3Peft):
+        return peft.IA3Config(task_type=task, target_modules=list(cfg.target),
+                              feedforward_modules=list(cfg.feedforward))
+    return None
+
+
+def bottleneck_spec(cfg: BottleneckPeft):
+    from .bottleneck import BottleneckSpec
+
+    return BottleneckSpec(placement=cfg.placement, reduction_factor=cfg.reduction_factor,
+                          non_linearity=cfg.non_linearity)
+
+
+def attach_delta(model: PreTrainedModel, cfg: PeftConfig, base_path: str) -> torch.nn.Module:
+    """Wrap ``model`` with the recipe's delta module; only the delta (and the head) trains."""
+    if isinstance(cfg, FullFT):
+        return model
+    if isinstance(cfg, BottleneckPeft):
+        from .bottleneck import add_bottleneck_adapters
+
+        return add_bottleneck_adapters(model, bottleneck_spec(cfg))
+    import peft
+
+    try:
+        wrapped = peft.get_peft_model(model, peft_config(cfg, base_path))
+    except ValueError as e:
+        raise DeltakdError(f"peft ({cfg.method}): {str(e).splitlines()[0]}") from None
+    if isinstance(cfg, LoraPeft) and cfg.full:
+        for p in wrapped.parameters():
+            p.requires_grad_(True)
+    return wrapped
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def save_trained(model: torch.nn.Module, directory: Path, cfg: PeftConfig, model_cfg: ModelConfig,
+                 head: Head, tokenizer) -> dict[str, Any]:
+    """Save so that the output reloads with transformers (plain) or peft (adapter + head).
+
+    - full fine-tuning, and LoRA with ``full: true`` (base weights trained too): a plain model;
+    - other peft methods: the adapter with the trained head (peft ``modules_to_save``);
+      LoRA ``merge: true`` also writes ``merged/``, a plain model;
+    - bottleneck adapters: adapter weights + config (reload with :func:`load_trained`).
+    Returns the metadata written to ``deltakd_model.json``.
+    """
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    base_path = resolve_model_path(model_cfg.name)
+    meta: dict[str, Any] = {"base_model": base_path, "method": cfg.method, "problem_type": head.problem_type,
+                            "num_labels": head.num_labels, "labels": list(head.labels) if head.labels else None}
+    if isinstance(cfg, FullFT) or (isinstance(cfg, LoraPeft) and cfg.full):
+        plain = model.merge_and_unload() if isinstance(cfg, LoraPeft) else model
+        plain.save_pretrained(tmp)
+        meta["format"] = "transformers"
+    elif isinstance(cfg, BottleneckPeft):
+        from .bottleneck import save_bottleneck
+
+        save_bottleneck(model, tmp, bottleneck_spec(cfg), base_path)
+        meta["format"] = "bottleneck"
+    else:
+        model.save_pretrained(tmp)
+        meta["format"] = "peft"
+        if isinstance(cfg, LoraPeft) and cfg.merge:
+            import copy
+
+            merged = copy.deepcopy(model).merge_and_unload()
+            merged.save_pretrained(tmp / "merged")
+            tokenizer.save_pretrained(tmp / "merged")
+            meta["merged"] = "merged"
+    tokenizer.save_pretrained(tmp)
+    atomic_write_json(tmp / META_FILE, meta)
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+    return meta
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise DeltakdError(f"'{directory}' is not a deltakd model folder (no {META_FILE})")
+    return json.loads(path.read_text())
+
+
+def load_trained(directory: str | Path, merged: bool = False) -> tuple[torch.nn.Module, Any]:
+    """Reload a saved model (any format) with its tokenizer, in eval mode."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    head = Head(meta["num_labels"], tuple(meta["labels"]) if meta["labels"] else None)
+    fmt = meta["format"]
+    if merged and meta.get("merged"):
+        model = AutoModelForSequenceClassification.from_pretrained(directory / meta["merged"])
+    elif fmt == "transformers":
+        model = AutoModelForSequenceClassification.from_pretrained(directory)
+    else:
+        base = AutoModelForSequenceClassification.from_pretrained(meta["base_model"], ignore_mismatched_sizes=True,
+                                                                  **head.config_kwargs())
+        if fmt == "peft":
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(base, directory)
+        else:
+            from .bottleneck import load_bottleneck
+
+            model = load_bottleneck(base, directory)
+    return model.eval(), tokenizer

