@@ -94,6 +94,8 @@ def training_arguments(recipe: Recipe, run: RunDir, report_to: list[str], main_m
         bf16=t.bf16,
         fp16=t.fp16,
         dataloader_num_workers=t.num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         label_names=["labels"],
         remove_unused_columns=False,
         disable_tqdm=False,
@@ -202,6 +204,7 @@ def evaluate_model(model: torch.nn.Module, tokenizer: Any, dataset: Any, task: T
                    out_dir: Path) -> dict[str, float]:
     """Evaluate a trained model on a tokenised split with a progress bar."""
     args = TrainingArguments(output_dir=str(out_dir), per_device_eval_batch_size=batch_size, report_to="none",
+                             dataloader_pin_memory=torch.cuda.is_available(),
                              label_names=["labels"], remove_unused_columns=False, disable_tqdm=False)
     trainer = Trainer(model=model, args=args, processing_class=tokenizer,
                       data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics_for(task))

@@ -171,6 +171,7 @@ class TrainConfig(Strict):
     bf16: bool = False
     fp16: bool = False
     num_workers: int = Field(default=0, ge=0)
+    group_by_length: bool = Field(default=False, description="batch similar lengths together: less padding")
 
     @model_validator(mode="after")
     def _save_matches_eval(self) -> "TrainConfig":
