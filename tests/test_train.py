@@ -24,7 +24,7 @@ description: tiny model on the toy task
 task: {{name: sst2, data_dir: {data}, resplit_valid: 0.2, max_length: 16}}
 model: {{name: {model}}}
 peft: {peft}
-train: {{epochs: 4, lr: 3.0e-3, batch_size: 16, eval_batch_size: 64, seed: 3, logging_steps: 5{train}}}
+train: {{epochs: 6, lr: 5.0e-3, batch_size: 16, eval_batch_size: 64, seed: 3, logging_steps: 5{train}}}
 track: [tensorboard]
 output_dir: {tmp_path / 'runs'}
 """)
@@ -44,12 +44,12 @@ def test_full_finetuning_learns_and_writes_the_run_directory(tmp_path, tiny_bert
     model = AutoModelForSequenceClassification.from_pretrained(run.model_dir)
     assert saved["params"]["total"] == sum(p.numel() for p in model.parameters())
     assert saved["params"]["trainable"] == saved["params"]["total"]
-    assert saved["train_steps"] == 4 * 20 and saved["train_samples_per_second"] > 0 and saved["wall_time_s"] > 0
+    assert saved["train_steps"] == 6 * 20 and saved["train_samples_per_second"] > 0 and saved["wall_time_s"] > 0
     recipe = yaml.safe_load(run.recipe_file.read_text())
-    assert recipe["train"]["lr"] == 3e-3 and "transformers" in recipe["provenance"]["versions"]
+    assert recipe["train"]["lr"] == 5e-3 and "transformers" in recipe["provenance"]["versions"]
     events = run.read_events()
     evals = [e for e in events if "eval_accuracy" in e]
-    assert [round(e["epoch"]) for e in evals] == [1, 2, 3, 4]
+    assert [round(e["epoch"]) for e in evals] == [1, 2, 3, 4, 5, 6]
     assert any("loss" in e for e in events)
     assert (run.checkpoints / "best").is_dir() and (run.checkpoints / "last").is_dir()
     assert not list(run.checkpoints.glob("checkpoint-*"))

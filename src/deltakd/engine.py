@@ -7,6 +7,7 @@ turns its output into a deltakd run directory.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,7 +18,6 @@ import numpy as np
 import torch
 from transformers import (DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainerCallback,
                           TrainingArguments, set_seed)
-from transformers.trainer_utils import get_last_checkpoint
 
 from .data import TaskData, load_task
 from .data.tokenize import tokenize_examples
@@ -114,6 +114,12 @@ def metrics_for(task: TaskData):
     return metrics_fn
 
 
+def task_metrics(logged: dict[str, float], prefix: str, task: TaskData) -> dict[str, float]:
+    """The task's metrics and the loss from a Trainer evaluation, without the key prefix."""
+    keep = (*task.spec.metrics, "loss")
+    return {k.removeprefix(f"{prefix}_"): float(v) for k, v in logged.items() if k.removeprefix(f"{prefix}_") in keep}
+
+
 def make_trainer(prep: Prepared, run: RunDir, args: TrainingArguments, callbacks: list) -> Trainer:
     cbs = [MetricsLogCallback(run), *callbacks]
     if prep.recipe.train.early_stop:
@@ -132,6 +138,22 @@ def make_trainer(prep: Prepared, run: RunDir, args: TrainingArguments, callbacks
 
 def _checkpoint_step(path: str | Path) -> int:
     return int(Path(path).name.rsplit("-", 1)[-1])
+
+
+def last_complete_checkpoint(folder: Path, prune: bool = True) -> str | None:
+    """The newest checkpoint that was written completely; partial ones (a kill mid-save) are removed.
+
+    The Trainer writes ``trainer_state.json`` after the weights, optimizer and RNG states, so a
+    checkpoint whose state file parses is whole.
+    """
+    for ckpt in sorted(Path(folder).glob("checkpoint-*"), key=_checkpoint_step, reverse=True):
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+            return str(ckpt)
+        except (OSError, ValueError):
+            if prune:
+                shutil.rmtree(ckpt, ignore_errors=True)
+    return None
 
 
 def _keep_best_and_last(run: RunDir, best: str | None) -> dict[str, str]:
@@ -163,7 +185,7 @@ def train(prep: Prepared, run: RunDir, resume: bool = False, is_main: bool = Tru
     report_to, callbacks = tracker_callbacks(recipe.track, run.path, recipe.output_dir)
     args = training_arguments(recipe, run, report_to, prep.task.spec.main_metric)
     trainer = make_trainer(prep, run, args, callbacks)
-    checkpoint = get_last_checkpoint(str(run.checkpoints)) if resume and run.checkpoints.is_dir() else None
+    checkpoint = last_complete_checkpoint(run.checkpoints, prune=is_main) if resume else None
     if checkpoint and is_main:
         run.truncate_events(_checkpoint_step(checkpoint))
     out = trainer.train(resume_from_checkpoint=checkpoint)
@@ -172,9 +194,7 @@ def train(prep: Prepared, run: RunDir, resume: bool = False, is_main: bool = Tru
     for split, ds in prep.datasets.items():
         if split == "train":
             continue
-        m = trainer.evaluate(ds, metric_key_prefix=split)
-        split_metrics[split] = {k.removeprefix(f"{split}_"): float(v) for k, v in m.items()
-                                if k.removeprefix(f"{split}_") in (*prep.task.spec.metrics, "loss")}
+        split_metrics[split] = task_metrics(trainer.evaluate(ds, metric_key_prefix=split), split, prep.task)
     results: dict[str, Any] = {}
     if is_main:
         ckpt_info = _keep_best_and_last(run, trainer.state.best_model_checkpoint)
@@ -208,6 +228,4 @@ def evaluate_model(model: torch.nn.Module, tokenizer: Any, dataset: Any, task: T
                              label_names=["labels"], remove_unused_columns=False, disable_tqdm=False)
     trainer = Trainer(model=model, args=args, processing_class=tokenizer,
                       data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics_for(task))
-    m = trainer.evaluate(dataset, metric_key_prefix="eval")
-    return {k.removeprefix("eval_"): float(v) for k, v in m.items()
-            if k.removeprefix("eval_") in (*spec.metrics, "loss")}
+    return task_metrics(trainer.evaluate(dataset, metric_key_prefix="eval"), "eval", task)

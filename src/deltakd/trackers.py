@@ -37,4 +37,5 @@ def tracker_callbacks(names: list[str], run_dir: Path, output_dir: Path) -> tupl
     if "mlflow" in names and not os.environ.get("MLFLOW_TRACKING_URI"):
         # a local file store beside the runs: `mlflow ui --backend-store-uri runs/mlruns`
         os.environ["MLFLOW_TRACKING_URI"] = (Path(output_dir).resolve() / "mlruns").as_uri()
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks to opt in to file stores
     return report_to, callbacks

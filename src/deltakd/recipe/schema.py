@@ -178,9 +178,9 @@ class TrainConfig(Strict):
         if self.save_every != "eval":
             if self.eval_every == "epoch":
                 raise ValueError("train.save_every: a step count needs train.eval_every in steps too")
-            if self.eval_every % self.save_every:
-                raise ValueError(f"train.eval_every ({self.eval_every}) must be a multiple of "
-                                 f"train.save_every ({self.save_every}) so the best checkpoint is saved")
+            if self.save_every % self.eval_every:
+                raise ValueError(f"train.save_every ({self.save_every}) must be a multiple of "
+                                 f"train.eval_every ({self.eval_every}) so the best model is among the checkpoints")
         return self
 
 
