@@ -12,14 +12,14 @@ from .errors import DeltakdError
 from .recipe import Recipe, dump_recipe, load_recipe
 from .runs import RunDir, find_resumable, load_run_recipe, new_run_dir
 from .trackers import check_trackers
-from .utils import atomic_write_json
+from .utils import atomic_write_json, cpu_only
 
 
 def _distributed_state():
     """accelerate's process state (initialises torch.distributed under torchrun)."""
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=cpu_only())  # CPU-only: torchrun processes meet over gloo
 
 
 def _share(value: str, state) -> str:

@@ -27,6 +27,7 @@ from .models.hub import resolve_model_path
 from .recipe import Recipe
 from .runs import RunDir
 from .trackers import tracker_callbacks
+from .utils import cpu_only
 
 
 class MetricsLogCallback(TrainerCallback):
@@ -95,6 +96,7 @@ def training_arguments(recipe: Recipe, run: RunDir, report_to: list[str], main_m
         fp16=t.fp16,
         dataloader_num_workers=t.num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=cpu_only(),
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         label_names=["labels"],
         remove_unused_columns=False,

@@ -79,3 +79,12 @@ def cache_root() -> Path:
     """Where deltakd caches tokenised data and teacher outputs (``DELTAKD_CACHE`` overrides)."""
     env = os.environ.get("DELTAKD_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "deltakd"
+
+
+def cpu_only() -> bool:
+    """True when no accelerator is present: the Trainer then runs (and distributes) on the CPU."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return not (torch.cuda.is_available() or (mps is not None and mps.is_available())
+                or (hasattr(torch, "xpu") and torch.xpu.is_available()))
