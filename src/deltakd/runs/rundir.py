@@ -1,0 +1,133 @@
+"""The run directory of DESIGN.md and the files in it.
+
+```
+runs/<name>/<YYYYmmdd-HHMMSS>/
+  recipe.yaml  metrics.jsonl  results.json  checkpoints/{checkpoint-N,best,last}  model/  tensorboard/  plots/
+```
+A run is finished exactly when ``results.json`` exists; it is written last, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import DeltakdError
+from ..recipe import Recipe, dump_recipe, validate
+from ..utils import atomic_write_json, atomic_write_text, git_commit, package_versions
+
+PROVENANCE_KEY = "provenance"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @property
+    def recipe_file(self) -> Path:
+        return self.path / "recipe.yaml"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def results_file(self) -> Path:
+        return self.path / "results.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.path / "plots"
+
+    @property
+    def finished(self) -> bool:
+        return self.results_file.is_file()
+
+    def write_recipe(self, recipe: Recipe) -> None:
+        data = dump_recipe(recipe)
+        data[PROVENANCE_KEY] = {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "git_commit": git_commit(),
+            "versions": package_versions(),
+        }
+        atomic_write_text(self.recipe_file, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+    def log_event(self, event: dict[str, Any]) -> None:
+        with open(self.metrics_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(event) + "\n")
+
+    def read_events(self) -> list[dict[str, Any]]:
+        if not self.metrics_file.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+
+    def truncate_events(self, after_step: int) -> None:
+        """Drop events logged after ``after_step`` (a resumed run logs them again)."""
+        kept = [e for e in self.read_events() if e.get("step", 0) <= after_step]
+        atomic_write_text(self.metrics_file, "".join(json.dumps(e) + "\n" for e in kept))
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        atomic_write_json(self.results_file, results)
+
+    def read_results(self) -> dict[str, Any]:
+        if not self.finished:
+            raise DeltakdError(f"run '{self.path}' has not finished (no results.json); resume it with --resume")
+        return json.loads(self.results_file.read_text())
+
+
+def new_run_dir(output_dir: Path, name: str) -> RunDir:
+    base = Path(output_dir) / name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = base / stamp
+    n = 1
+    while path.exists():
+        n += 1
+        path = base / f"{stamp}-{n}"
+    path.mkdir(parents=True)
+    return RunDir(path)
+
+
+def _runs_of(output_dir: Path, name: str) -> list[RunDir]:
+    base = Path(output_dir) / name
+    if not base.is_dir():
+        return []
+    return [RunDir(p) for p in sorted(base.iterdir()) if (p / "recipe.yaml").is_file()]
+
+
+def latest_run(output_dir: Path, name: str) -> RunDir | None:
+    runs = _runs_of(output_dir, name)
+    return runs[-1] if runs else None
+
+
+def find_resumable(output_dir: Path, name: str) -> RunDir | None:
+    """The newest run of ``name`` that did not finish."""
+    for run in reversed(_runs_of(output_dir, name)):
+        if not run.finished:
+            return run
+    return None
+
+
+def load_run_recipe(run_dir: Path | RunDir) -> Recipe:
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(Path(run_dir))
+    if not run.recipe_file.is_file():
+        raise DeltakdError(f"'{run.path}' is not a deltakd run directory (no recipe.yaml)")
+    data = yaml.safe_load(run.recipe_file.read_text())
+    data.pop(PROVENANCE_KEY, None)
+    return validate(data, source=str(run.recipe_file), check_files=False)
