@@ -72,24 +72,51 @@ def train(recipe: str | Path | Recipe, overrides: Iterable[str] = (), resume: bo
 def evaluate(run_dir: str | Path, split: str = "test", batch_size: int | None = None) -> dict[str, float]:
     """Reload a finished run's model and evaluate it on ``split`` of its task."""
     from . import engine
-    from .data import load_task
-    from .data.tokenize import tokenize_examples
     from .models.delta import load_trained
 
     run = RunDir(Path(run_dir))
     recipe = load_run_recipe(run)
     if not run.model_dir.is_dir():
         raise DeltakdError(f"run '{run.path}' has no model/ (did it finish?)")
-    task = load_task(recipe.task, recipe.train.seed)
-    if split not in task.splits:
-        raise DeltakdError(f"--split: '{split}' not in this task; available: {', '.join(task.splits)}")
     model, tokenizer = load_trained(run.model_dir)
-    ds = tokenize_examples(task.splits[split], tokenizer, recipe.task.max_length)
+    task, datasets = engine.eval_data(recipe, tokenizer)
+    if split not in datasets:
+        raise DeltakdError(f"--split: '{split}' not in this task; available: {', '.join(datasets)}")
     with tempfile.TemporaryDirectory() as scratch:
-        metrics = engine.evaluate_model(model, tokenizer, ds, task, batch_size or recipe.train.eval_batch_size,
-                                        Path(scratch))
+        metrics = engine.evaluate_model(model, tokenizer, datasets[split], task,
+                                        batch_size or recipe.train.eval_batch_size, Path(scratch))
     atomic_write_json(run.path / f"eval_{split}.json", {"split": split, "metrics": metrics})
     return metrics
+
+
+def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 50, greedy: bool = False,
+             temperature: float = 1.0, top_k: int | None = 50, top_p: float | None = None, seed: int = 0,
+             num_return_sequences: int = 1) -> list[str]:
+    """Continue ``prompt`` with a run's causal LM (sampling unless ``greedy``)."""
+    import torch
+    from transformers import set_seed
+
+    from .models.delta import find_model_dir, load_trained, read_meta
+
+    model_dir = find_model_dir(run_dir)
+    if read_meta(model_dir)["problem_type"] != "causal_lm":
+        raise DeltakdError(f"'{run_dir}' is not a causal-LM run; generate needs one")
+    model, tokenizer = load_trained(model_dir)
+    set_seed(seed)
+    enc = tokenizer(prompt or tokenizer.eos_token, return_tensors="pt")
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id,
+                  num_return_sequences=num_return_sequences)
+    if greedy:
+        kwargs["do_sample"] = False
+    else:
+        kwargs.update(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if limit is not None:
+        enc = {k: v[:, -max(1, limit - max_new_tokens):] for k, v in enc.items()}  # keep the prompt's end
+    with torch.no_grad():
+        out = model.generate(**enc, **kwargs)
+    start = enc["input_ids"].shape[1]
+    return [tokenizer.decode(seq[start:], skip_special_tokens=True) for seq in out]
 
 
 def list_recipes(root: str | Path = "recipes") -> list[tuple[str, str]]:

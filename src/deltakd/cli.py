@@ -61,6 +61,24 @@ def eval_(run_dir: Path = typer.Argument(..., help="A finished run directory."),
 
 
 @app.command()
+def generate(run_dir: Path = typer.Argument(..., help="A finished causal-LM run directory."),
+             prompt: str = typer.Option("", "--prompt", help="Text to continue."),
+             max_new_tokens: int = typer.Option(50, "--max-new-tokens", min=1),
+             greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding instead of sampling."),
+             temperature: float = typer.Option(1.0, "--temperature", min=1e-4),
+             top_k: int = typer.Option(50, "--top-k", min=0),
+             top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+             num: int = typer.Option(1, "--num", min=1, help="How many continuations."),
+             seed: int = typer.Option(0, "--seed")):
+    """Generate text with a causal-LM run."""
+    from . import api
+
+    outs = api.generate(run_dir, prompt, max_new_tokens, greedy, temperature, top_k or None, top_p, seed, num)
+    for i, text in enumerate(outs):
+        console.print(f"[bold]{i + 1}.[/bold] {prompt}[cyan]{text}[/cyan]", highlight=False)
+
+
+@app.command()
 def recipes(root: Path = typer.Argument(Path("recipes"), help="Folder of recipes.")):
     """List recipes with a one-line description each."""
     from . import api

@@ -8,6 +8,7 @@ turns its output into a deltakd run directory.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -16,14 +17,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import (DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainerCallback,
+from transformers import (DataCollatorWithPadding, default_data_collator, EarlyStoppingCallback, Trainer, TrainerCallback,
                           TrainingArguments, set_seed)
 
-from .data import TaskData, load_task
+from .data import TaskData, TaskSpec, load_task
 from .data.tokenize import tokenize_examples
 from .evaluate.metrics import compute_metrics
-from .models.delta import Head, attach_delta, count_parameters, load_base, load_tokenizer, save_trained
-from .models.hub import resolve_model_path
+from .errors import DeltakdError
+from .models.delta import (Head, attach_delta, count_parameters, load_base, load_teacher, load_tokenizer, plain_copy,
+                           save_trained)
+from .models.hub import load_pretrained, resolve_model_path
+from .models.student import every_other, layer_count, student_from_teacher
 from .recipe import Recipe
 from .runs import RunDir
 from .trackers import tracker_callbacks
@@ -51,23 +55,88 @@ class Prepared:
     datasets: dict[str, Any]
     model: torch.nn.Module
     head: Head
+    teacher: torch.nn.Module | None = None
 
 
 def prepare(recipe: Recipe) -> Prepared:
     """Everything that can fail on bad input happens here, before a run directory exists."""
     set_seed(recipe.train.seed)
+    if recipe.task.kind == "lm":
+        return _prepare_lm(recipe)
     task = load_task(recipe.task, recipe.train.seed)
-    tokenizer = load_tokenizer(recipe.model)
-    datasets = {name: tokenize_examples(exs, tokenizer, recipe.task.max_length) for name, exs in task.splits.items()}
     head = Head(task.num_labels, task.labels)
-    model = attach_delta(load_base(recipe.model, head), recipe.peft, resolve_model_path(recipe.model.name))
-    return Prepared(recipe, task, tokenizer, datasets, model, head)
+    teacher = None
+    if recipe.teacher is not None:
+        teacher, tokenizer = load_teacher(recipe.teacher, causal_lm=False)
+        if getattr(teacher.config, "num_labels", None) != head.num_labels:
+            raise DeltakdError(f"teacher: predicts {teacher.config.num_labels} labels, the task has {head.num_labels}")
+    else:
+        tokenizer = load_tokenizer(recipe.model)
+    datasets = {name: tokenize_examples(exs, tokenizer, recipe.task.max_length) for name, exs in task.splits.items()}
+    base = _student_base(recipe, teacher) if teacher is not None else None
+    if base is None:
+        base = load_base(recipe.model, head)
+    model = attach_delta(base, recipe.peft, resolve_model_path(recipe.model.name))
+    return Prepared(recipe, task, tokenizer, datasets, model, head, teacher)
+
+
+def _student_base(recipe: Recipe, teacher: torch.nn.Module) -> torch.nn.Module | None:
+    """The student built from the teacher's layers, or None when the recipe names its own model."""
+    st = recipe.student
+    if st is None or st.from_teacher is None:
+        return None
+    plain = plain_copy(teacher)
+    n = layer_count(plain)
+    layers = st.from_teacher.layers or every_other(n, st.from_teacher.nb_layers)
+    student = student_from_teacher(plain, layers)
+    if st.scratch:
+        student = type(student)(student.config)  # the same shape, freshly initialised
+    return student
+
+
+def _prepare_lm(recipe: Recipe) -> Prepared:
+    """Causal-LM data (token blocks), tokenizer (given, the teacher's, or BPE trained on the data), model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .data.lm import get_or_train_tokenizer, lm_blocks_cached, read_texts
+
+    cfg = recipe.task
+    base = cfg.data_dir or Path(".")
+    files = {"train": cfg.train_file, "valid": cfg.valid_file, "test": cfg.test_file}
+    if not files["train"] or not files["valid"]:
+        raise DeltakdError("task: an lm task needs task.train_file and task.valid_file (plain text)")
+    texts = {split: read_texts([base / f]) for split, f in files.items() if f}
+    teacher = None
+    if recipe.teacher is not None:
+        teacher, tokenizer = load_teacher(recipe.teacher, causal_lm=True)
+    else:
+        tokenizer = get_or_train_tokenizer(recipe.model.tokenizer, texts["train"], recipe.model.vocab_size)
+    datasets = {split: lm_blocks_cached(t, tokenizer, cfg.block_size) for split, t in texts.items()}
+    model = _student_base(recipe, teacher) if teacher is not None else None
+    if model is None and recipe.model.config is not None:
+        conf = dict(recipe.model.config)
+        conf.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+        try:
+            config = AutoConfig.for_model(**conf)
+        except (ValueError, TypeError) as e:
+            raise DeltakdError(f"model.config: {str(e).splitlines()[0]}") from None
+        limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        if limit is not None and limit < cfg.block_size:
+            raise DeltakdError(f"task.block_size: {cfg.block_size} exceeds the model's {limit} positions")
+        model = AutoModelForCausalLM.from_config(config)
+    elif model is None:
+        model = load_pretrained(AutoModelForCausalLM.from_pretrained, recipe.model.name, "model",
+                                revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    spec = TaskSpec(cfg.name, "lm", None, ("perplexity",), (), "", {k: base / v for k, v in files.items() if v})
+    task = TaskData(spec, None, {k: [None] * len(ds) for k, ds in datasets.items()})
+    return Prepared(recipe, task, tokenizer, datasets, model, Head(0, None, causal_lm=True), teacher)
 
 
 def training_arguments(recipe: Recipe, run: RunDir, report_to: list[str], main_metric: str) -> TrainingArguments:
     t = recipe.train
     steps = isinstance(t.eval_every, int)
-    metric = t.metric_for_best or main_metric
+    metric = t.metric_for_best or ("loss" if recipe.task.kind == "lm" else main_metric)
     return TrainingArguments(
         output_dir=str(run.checkpoints),
         num_train_epochs=t.epochs,
@@ -119,23 +188,41 @@ def metrics_for(task: TaskData):
 def task_metrics(logged: dict[str, float], prefix: str, task: TaskData) -> dict[str, float]:
     """The task's metrics and the loss from a Trainer evaluation, without the key prefix."""
     keep = (*task.spec.metrics, "loss")
-    return {k.removeprefix(f"{prefix}_"): float(v) for k, v in logged.items() if k.removeprefix(f"{prefix}_") in keep}
+    out = {k.removeprefix(f"{prefix}_"): float(v) for k, v in logged.items() if k.removeprefix(f"{prefix}_") in keep}
+    if task.spec.kind == "lm" and "loss" in out:
+        out["perplexity"] = math.exp(min(out["loss"], 50.0))  # per-token cross-entropy -> perplexity
+    return out
 
 
 def make_trainer(prep: Prepared, run: RunDir, args: TrainingArguments, callbacks: list) -> Trainer:
     cbs = [MetricsLogCallback(run), *callbacks]
-    if prep.recipe.train.early_stop:
-        cbs.append(EarlyStoppingCallback(early_stopping_patience=prep.recipe.train.early_stop))
-    return Trainer(
+    recipe = prep.recipe
+    if recipe.train.early_stop:
+        cbs.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stop))
+    lm = prep.task.spec.kind == "lm"
+    common = dict(
         model=prep.model,
         args=args,
         train_dataset=prep.datasets["train"],
         eval_dataset=prep.datasets["valid"],
         processing_class=prep.tokenizer,
-        data_collator=DataCollatorWithPadding(prep.tokenizer),
-        compute_metrics=metrics_for(prep.task),
+        data_collator=default_data_collator if lm else DataCollatorWithPadding(prep.tokenizer),
+        compute_metrics=None if lm else metrics_for(prep.task),
         callbacks=cbs,
     )
+    if prep.teacher is None:
+        return Trainer(**common)
+    from .distill.schedule import CurriculumCallback, LossSchedule
+    from .distill.trainer import DistillTrainer
+
+    d = recipe.distill
+    cur = d.curriculum
+    schedule = LossSchedule(dict(d.losses), cur.at_epoch if cur else None, dict(cur.losses) if cur and cur.losses
+                            else None, cur.ramp_epochs if cur else 0, cur.lr if cur else None)
+    if cur is not None and cur.lr is not None:
+        common["callbacks"] = [*cbs, CurriculumCallback(schedule)]
+    return DistillTrainer(**common, teacher=prep.teacher, schedule=schedule, kind="lm" if lm else "classification",
+                          temperature=d.temperature, jsd_beta=d.jsd_beta, layer_map=d.layer_map)
 
 
 def _checkpoint_step(path: str | Path) -> int:
@@ -216,18 +303,37 @@ def train(prep: Prepared, run: RunDir, resume: bool = False, is_main: bool = Tru
             "wall_time_s": time.time() - started,
             "train_wall_time_s": train_seconds,
             "resumed_from": Path(checkpoint).name if checkpoint else None,
+            **({"train_tokens_per_second": float(out.metrics.get("train_samples_per_second", 0.0))
+                * recipe.task.block_size} if prep.task.spec.kind == "lm" else {}),
             **ckpt_info,
         }
         run.write_results(results)
     return results
 
 
+def eval_data(recipe: Recipe, tokenizer: Any) -> tuple[TaskData, dict[str, Any]]:
+    """The task and its tokenised splits, for evaluating a saved model."""
+    if recipe.task.kind == "lm":
+        from .data.lm import lm_blocks_cached, read_texts
+
+        base = recipe.task.data_dir or Path(".")
+        files = {"train": recipe.task.train_file, "valid": recipe.task.valid_file, "test": recipe.task.test_file}
+        datasets = {k: lm_blocks_cached(read_texts([base / f]), tokenizer, recipe.task.block_size)
+                    for k, f in files.items() if f}
+        spec = TaskSpec(recipe.task.name, "lm", None, ("perplexity",), (), "")
+        return TaskData(spec, None, {k: [None] * len(v) for k, v in datasets.items()}), datasets
+    task = load_task(recipe.task, recipe.train.seed)
+    return task, {k: tokenize_examples(v, tokenizer, recipe.task.max_length) for k, v in task.splits.items()}
+
+
 def evaluate_model(model: torch.nn.Module, tokenizer: Any, dataset: Any, task: TaskData, batch_size: int,
                    out_dir: Path) -> dict[str, float]:
     """Evaluate a trained model on a tokenised split with a progress bar."""
+    lm = task.spec.kind == "lm"
     args = TrainingArguments(output_dir=str(out_dir), per_device_eval_batch_size=batch_size, report_to="none",
-                             dataloader_pin_memory=torch.cuda.is_available(),
+                             dataloader_pin_memory=torch.cuda.is_available(), use_cpu=cpu_only(),
                              label_names=["labels"], remove_unused_columns=False, disable_tqdm=False)
     trainer = Trainer(model=model, args=args, processing_class=tokenizer,
-                      data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics_for(task))
+                      data_collator=default_data_collator if lm else DataCollatorWithPadding(tokenizer),
+                      compute_metrics=None if lm else metrics_for(task))
     return task_metrics(trainer.evaluate(dataset, metric_key_prefix="eval"), "eval", task)

@@ -25,10 +25,13 @@ class Head:
     """What the classification head predicts."""
 
     num_labels: int
-    labels: tuple[str, ...] | None  # class names; None for regression
+    labels: tuple[str, ...] | None  # class names; None for regression (and causal LMs)
+    causal_lm: bool = False
 
     @property
     def problem_type(self) -> str:
+        if self.causal_lm:
+            return "causal_lm"
         return "regression" if self.labels is None else "single_label_classification"
 
     def config_kwargs(self) -> dict[str, Any]:
@@ -169,9 +172,16 @@ def load_trained(directory: str | Path, merged: bool = False) -> tuple[torch.nn.
     directory = Path(directory)
     meta = read_meta(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    head = Head(meta["num_labels"], tuple(meta["labels"]) if meta["labels"] else None)
+    head = Head(meta["num_labels"], tuple(meta["labels"]) if meta["labels"] else None,
+                causal_lm=meta["problem_type"] == "causal_lm")
     fmt = meta["format"]
-    if merged and meta.get("merged"):
+    if head.causal_lm:
+        from transformers import AutoModelForCausalLM
+
+        if fmt != "transformers":
+            raise DeltakdError(f"'{directory}': only plain causal-LM folders load here (format {fmt})")
+        model = AutoModelForCausalLM.from_pretrained(directory)
+    elif merged and meta.get("merged"):
         model = AutoModelForSequenceClassification.from_pretrained(directory / meta["merged"])
     elif fmt == "transformers":
         model = AutoModelForSequenceClassification.from_pretrained(directory)
@@ -187,3 +197,38 @@ def load_trained(directory: str | Path, merged: bool = False) -> tuple[torch.nn.
 
             model = load_bottleneck(base, directory)
     return model.eval(), tokenizer
+
+
+def find_model_dir(path: str | Path) -> Path:
+    """``model/`` of a run directory, of the newest finished run under a recipe's folder, or itself."""
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        return path
+    if (path / "model" / META_FILE).is_file():
+        return path / "model"
+    finished = sorted(p for p in path.glob("*/results.json"))
+    if finished and (finished[-1].parent / "model" / META_FILE).is_file():
+        return finished[-1].parent / "model"
+    raise DeltakdError(f"teacher.run: '{path}' holds no finished deltakd run (no model/{META_FILE})")
+
+
+def load_teacher(cfg: Any, causal_lm: bool) -> tuple[torch.nn.Module, Any]:
+    """The teacher and its tokenizer: a deltakd run (adapter or merged) or a model path / hub id."""
+    if cfg.run is not None:
+        return load_trained(find_model_dir(cfg.run), merged=cfg.merged)
+    from transformers import AutoModelForCausalLM
+
+    loader = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
+    model = load_pretrained(loader.from_pretrained, cfg.model, "teacher.model")
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, cfg.model, "teacher tokenizer")
+    return model.eval(), tokenizer
+
+
+def plain_copy(model: torch.nn.Module) -> PreTrainedModel:
+    """A plain ``transformers`` copy of a (possibly peft-wrapped) model, LoRA merged in."""
+    import copy
+
+    dup = copy.deepcopy(model)
+    if hasattr(dup, "merge_and_unload"):
+        dup = dup.merge_and_unload()
+    return dup

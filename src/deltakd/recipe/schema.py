@@ -55,14 +55,15 @@ class TaskConfig(Strict):
     text_columns: list[str | int] | None = Field(default=None, min_length=1, max_length=2)
     label_column: str | int | None = None
     labels: list[str] | None = Field(default=None, min_length=2)
-    kind: Literal["classification", "regression"] | None = None
-    metrics: list[Literal["accuracy", "f1", "matthews", "pearson", "spearman"]] | None = None
+    kind: Literal["classification", "regression", "lm"] | None = None
+    metrics: list[Literal["accuracy", "f1", "matthews", "pearson", "spearman", "perplexity"]] | None = None
     hf: HFSource | None = None
     resplit_valid: float | None = Field(default=None, gt=0.0, lt=1.0)
     k_shot: KShot | None = None
     max_train_samples: int | None = Field(default=None, gt=0)
     max_eval_samples: int | None = Field(default=None, gt=0)
     max_length: int = Field(default=128, ge=8, le=8192)
+    block_size: int = Field(default=128, ge=8, le=8192, description="lm: tokens per training block")
 
     @model_validator(mode="after")
     def _sources(self, info: ValidationInfo) -> "TaskConfig":
@@ -76,11 +77,77 @@ class TaskConfig(Strict):
 
 
 class ModelConfig(Strict):
-    """A local path, a hub id, or a packaged alias (``minilm-l6``)."""
+    """A local path, a hub id, or a packaged alias (``minilm-l6``); or a config to train from scratch."""
 
     name: str = "minilm-l6"
     revision: str | None = None
     trust_remote_code: bool = False
+    config: dict[str, Any] | None = Field(
+        default=None, description="from scratch: a transformers config, e.g. {model_type: gpt2, n_layer: 4}")
+    tokenizer: str | None = Field(default=None, description="tokenizer path or hub id (default: the model's)")
+    vocab_size: int = Field(default=8192, ge=256, description="from scratch: BPE vocabulary trained on the data")
+
+    @field_validator("config")
+    @classmethod
+    def _model_type(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and "model_type" not in v:
+            raise ValueError("model.config: needs model_type (e.g. gpt2)")
+        return v
+
+
+class FromTeacher(Strict):
+    """Copy embeddings, head and some layers of the teacher (DistilBERT / distilgpt2 style)."""
+
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, min_length=1)
+    nb_layers: int | None = Field(default=None, gt=0, description="every other layer when layers is not given")
+
+    @model_validator(mode="after")
+    def _one(self) -> "FromTeacher":
+        if (self.layers is None) == (self.nb_layers is None):
+            raise ValueError("student.from_teacher: give exactly one of layers or nb_layers")
+        return self
+
+
+class TeacherConfig(Strict):
+    """A finished deltakd run (its model/), or any fine-tuned model by path or hub id."""
+
+    run: Path | None = None
+    model: str | None = None
+    merged: bool = Field(default=False, description="use the run's merged LoRA model instead of the adapter")
+
+    @model_validator(mode="after")
+    def _one(self) -> "TeacherConfig":
+        # the run itself is looked up when the student's run starts (it may be trained just before)
+        if (self.run is None) == (self.model is None):
+            raise ValueError("teacher: give exactly one of teacher.run or teacher.model")
+        return self
+
+
+class StudentConfig(Strict):
+    """The student: built from the teacher, or ``model`` (a path / hub id / scratch config) as usual."""
+
+    from_teacher: FromTeacher | None = None
+    scratch: bool = Field(default=False, description="fresh random init with the from_teacher shape")
+
+
+LossName = Literal["ce", "kd", "reverse_kl", "jsd", "logits_mse", "hidden_mse", "hidden_cos"]
+
+
+class CurriculumConfig(Strict):
+    at_epoch: float = Field(ge=0)
+    losses: dict[LossName, Annotated[float, Field(ge=0)]] | None = None
+    lr: float | None = Field(default=None, gt=0)
+    ramp_epochs: float = Field(default=0, ge=0)
+
+
+class DistillConfig(Strict):
+    """Which losses, weighted how; the teacher is frozen and in eval mode."""
+
+    losses: dict[LossName, Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: {"ce": 0.5, "kd": 0.5})
+    temperature: float = Field(default=2.0, gt=0)
+    jsd_beta: float = Field(default=0.5, ge=0, le=1)
+    layer_map: dict[int, int] | None = Field(default=None, description="{student_layer: teacher_layer}")
+    curriculum: CurriculumConfig | None = None
 
 
 class FullFT(Strict):
@@ -196,8 +263,20 @@ class Recipe(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     peft: PeftConfig = Field(default_factory=lambda: FullFT(method="full"))
     train: TrainConfig = Field(default_factory=TrainConfig)
+    teacher: TeacherConfig | None = None
+    student: StudentConfig | None = None
+    distill: DistillConfig | None = None
     track: list[Tracker] = Field(default_factory=lambda: ["tensorboard"])
     output_dir: Path = Path("runs")
+
+    @model_validator(mode="after")
+    def _distill_needs_teacher(self) -> "Recipe":
+        if self.teacher is None and (self.distill is not None or
+                                     (self.student is not None and self.student.from_teacher is not None)):
+            raise ValueError("distill / student.from_teacher need a teacher: section")
+        if self.teacher is not None and self.distill is None:
+            self.distill = DistillConfig()
+        return self
 
     @field_validator("track")
     @classmethod
