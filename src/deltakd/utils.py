@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -88,3 +89,25 @@ def cpu_only() -> bool:
     mps = getattr(torch.backends, "mps", None)
     return not (torch.cuda.is_available() or (mps is not None and mps.is_available())
                 or (hasattr(torch, "xpu") and torch.xpu.is_available()))
+
+
+def cached_dir(root: Path, key: str, build: Callable[[Path], None], ready: str) -> Path:
+    """``root/key``, built once by ``build(tmp_dir)`` and published by an atomic rename.
+
+    ``ready`` names a file whose presence marks a complete entry. Concurrent builders of the
+    same key are harmless: the first rename wins and the others' work is discarded.
+    """
+    path = Path(root) / key
+    if (path / ready).is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process published the same key first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -8,8 +8,6 @@ into contiguous blocks of ``block_size`` tokens (the GPT-2 / nanoGPT recipe; Rad
 from __future__ import annotations
 
 import gzip
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ..errors import DeltakdError
-from ..utils import cache_root, text_digest
+from ..utils import cache_root, cached_dir, text_digest
 from .tokenize import tokenizer_fingerprint
 
 EOS = "<|endoftext|>"
@@ -101,19 +99,9 @@ def get_or_train_tokenizer(name_or_path: str | None, texts: Iterable[str], vocab
         return _load_tokenizer(str(name_or_path))
     texts = list(texts)
     key = text_digest("bpe-v1", vocab_size, min_frequency, texts)
-    root = (cache_dir or cache_root()) / "tokenizers"
-    path = root / key
-    if not (path / "tokenizer.json").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-        try:
-            train_bpe_tokenizer(texts, vocab_size, tmp, min_frequency=min_frequency)
-            try:
-                tmp.rename(path)
-            except OSError:  # another process cached the same key first
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    path = cached_dir((cache_dir or cache_root()) / "tokenizers", key,
+                      lambda tmp: train_bpe_tokenizer(texts, vocab_size, tmp, min_frequency=min_frequency),
+                      ready="tokenizer.json")
     return _load_tokenizer(str(path))
 
 
@@ -153,19 +141,7 @@ def lm_blocks_cached(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, b
     The key covers the tokenizer's content, every text and ``block_size``.
     """
     key = text_digest("lm-blocks-v1", tokenizer_fingerprint(tokenizer), block_size, list(texts))
-    root = (cache_dir or cache_root()) / "lm_blocks"
-    path = root / key
-    if (path / "dataset_info.json").is_file():
-        return datasets.load_from_disk(str(path))
-    ds = make_blocks(texts, tokenizer, block_size, name=name)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
-        ds.save_to_disk(str(tmp))
-        try:
-            tmp.rename(path)
-        except OSError:  # another process wrote the same key first
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    path = cached_dir((cache_dir or cache_root()) / "lm_blocks", key,
+                      lambda tmp: make_blocks(texts, tokenizer, block_size, name=name).save_to_disk(str(tmp)),
+                      ready="dataset_info.json")
     return datasets.load_from_disk(str(path))

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import datasets
 
-from ..utils import cache_root, text_digest
+from ..utils import cache_root, cached_dir, text_digest
 from .readers import Example
 
 
@@ -35,30 +33,19 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int,
     pairs = examples[0]["text_b"] is not None
     key = text_digest("cls-v1", tokenizer_fingerprint(tokenizer), max_length,
                       [(e["text_a"], e["text_b"], e["label"]) for e in examples])
-    root = (cache_dir or cache_root()) / "tokenized"
-    path = root / key
-    if (path / "dataset_info.json").is_file():
-        return datasets.load_from_disk(str(path))
-    ds = datasets.Dataset.from_dict({
-        "text_a": [e["text_a"] for e in examples],
-        "text_b": [e["text_b"] for e in examples] if pairs else [""] * len(examples),
-        "labels": [e["label"] for e in examples],
-    })
-
     def encode(batch):
         args = (batch["text_a"], batch["text_b"]) if pairs else (batch["text_a"],)
         return tokenizer(*args, truncation=True, max_length=max_length)
 
-    ds = ds.map(encode, batched=True, remove_columns=["text_a", "text_b"], desc="tokenizing",
-                load_from_cache_file=False)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
+    def build(tmp: Path) -> None:
+        ds = datasets.Dataset.from_dict({
+            "text_a": [e["text_a"] for e in examples],
+            "text_b": [e["text_b"] for e in examples] if pairs else [""] * len(examples),
+            "labels": [e["label"] for e in examples],
+        })
+        ds = ds.map(encode, batched=True, remove_columns=["text_a", "text_b"], desc="tokenizing",
+                    load_from_cache_file=False)
         ds.save_to_disk(str(tmp))
-        try:
-            tmp.rename(path)
-        except OSError:  # another process wrote the same key first
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    path = cached_dir((cache_dir or cache_root()) / "tokenized", key, build, ready="dataset_info.json")
     return datasets.load_from_disk(str(path))
