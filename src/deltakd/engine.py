@@ -56,6 +56,7 @@ class Prepared:
     model: torch.nn.Module
     head: Head
     teacher: torch.nn.Module | None = None
+    distill: Any = None  # distill.setup.DistillSetup when a teacher is given
 
 
 def prepare(recipe: Recipe) -> Prepared:
@@ -73,25 +74,43 @@ def prepare(recipe: Recipe) -> Prepared:
     else:
         tokenizer = load_tokenizer(recipe.model)
     datasets = {name: tokenize_examples(exs, tokenizer, recipe.task.max_length) for name, exs in task.splits.items()}
-    base = _student_base(recipe, teacher) if teacher is not None else None
+    base, copied = _student_base(recipe, teacher) if teacher is not None else (None, None)
     if base is None:
         base = load_base(recipe.model, head)
     model = attach_delta(base, recipe.peft, resolve_model_path(recipe.model.name))
-    return Prepared(recipe, task, tokenizer, datasets, model, head, teacher)
+    prep = Prepared(recipe, task, tokenizer, datasets, model, head, teacher)
+    if teacher is not None:
+        prep.distill = _distill_setup(prep, copied)
+    return prep
 
 
-def _student_base(recipe: Recipe, teacher: torch.nn.Module) -> torch.nn.Module | None:
-    """The student built from the teacher's layers, or None when the recipe names its own model."""
+def _distill_setup(prep: Prepared, copied: list[int] | None):
+    """Validate the distillation recipe against the models; build layer map, projections, cache."""
+    from accelerate import PartialState
+
+    from .distill.setup import prepare_distill
+
+    recipe = prep.recipe
+    lm = prep.head.causal_lm
+    return prepare_distill(recipe.distill, prep.model, prep.teacher, "lm" if lm else "classification",
+                           prep.head.num_labels, None if recipe.student and recipe.student.from_teacher and
+                           recipe.student.scratch else copied, recipe.train.seed, prep.datasets,
+                           None if lm else DataCollatorWithPadding(prep.tokenizer), recipe.train.eval_batch_size,
+                           PartialState(cpu=cpu_only()).device)
+
+
+def _student_base(recipe: Recipe, teacher: torch.nn.Module) -> tuple[torch.nn.Module | None, list[int] | None]:
+    """The student built from the teacher's layers (and which), or None when the recipe names its own model."""
     st = recipe.student
     if st is None or st.from_teacher is None:
-        return None
+        return None, None
     plain = plain_copy(teacher)
     n = layer_count(plain)
     layers = st.from_teacher.layers or every_other(n, st.from_teacher.nb_layers)
     student = student_from_teacher(plain, layers)
     if st.scratch:
         student = type(student)(student.config)  # the same shape, freshly initialised
-    return student
+    return student, list(layers)
 
 
 def _prepare_lm(recipe: Recipe) -> Prepared:
@@ -112,7 +131,7 @@ def _prepare_lm(recipe: Recipe) -> Prepared:
     else:
         tokenizer = get_or_train_tokenizer(recipe.model.tokenizer, texts["train"], recipe.model.vocab_size)
     datasets = {split: lm_blocks_cached(t, tokenizer, cfg.block_size) for split, t in texts.items()}
-    model = _student_base(recipe, teacher) if teacher is not None else None
+    model, copied = _student_base(recipe, teacher) if teacher is not None else (None, None)
     if model is None and recipe.model.config is not None:
         conf = dict(recipe.model.config)
         conf.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
@@ -130,7 +149,10 @@ def _prepare_lm(recipe: Recipe) -> Prepared:
                                 revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
     spec = TaskSpec(cfg.name, "lm", None, ("perplexity",), (), "", {k: base / v for k, v in files.items() if v})
     task = TaskData(spec, None, {k: [None] * len(ds) for k, ds in datasets.items()})
-    return Prepared(recipe, task, tokenizer, datasets, model, Head(0, None, causal_lm=True), teacher)
+    prep = Prepared(recipe, task, tokenizer, datasets, model, Head(0, None, causal_lm=True), teacher)
+    if teacher is not None:
+        prep.distill = _distill_setup(prep, copied)
+    return prep
 
 
 def training_arguments(recipe: Recipe, run: RunDir, report_to: list[str], main_metric: str) -> TrainingArguments:
@@ -212,17 +234,16 @@ def make_trainer(prep: Prepared, run: RunDir, args: TrainingArguments, callbacks
     )
     if prep.teacher is None:
         return Trainer(**common)
-    from .distill.schedule import CurriculumCallback, LossSchedule
+    from .distill.schedule import CurriculumCallback
     from .distill.trainer import DistillTrainer
 
-    d = recipe.distill
-    cur = d.curriculum
-    schedule = LossSchedule(dict(d.losses), cur.at_epoch if cur else None, dict(cur.losses) if cur and cur.losses
-                            else None, cur.ramp_epochs if cur else 0, cur.lr if cur else None)
-    if cur is not None and cur.lr is not None:
-        common["callbacks"] = [*cbs, CurriculumCallback(schedule)]
-    return DistillTrainer(**common, teacher=prep.teacher, schedule=schedule, kind="lm" if lm else "classification",
-                          temperature=d.temperature, jsd_beta=d.jsd_beta, layer_map=d.layer_map)
+    d, setup = recipe.distill, prep.distill
+    if d.curriculum is not None and d.curriculum.lr is not None:
+        common["callbacks"] = [*cbs, CurriculumCallback(setup.schedule)]
+    return DistillTrainer(**common, teacher=prep.teacher, schedule=setup.schedule,
+                          kind="lm" if lm else "classification", temperature=d.temperature, jsd_beta=d.jsd_beta,
+                          layer_map=setup.layer_map, heads=setup.heads, cache=setup.cache,
+                          lora_modules=tuple(d.lora_ild_modules))
 
 
 def _checkpoint_step(path: str | Path) -> int:
@@ -280,10 +301,13 @@ def train(prep: Prepared, run: RunDir, resume: bool = False, is_main: bool = Tru
     out = trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.time() - started
     split_metrics: dict[str, dict[str, float]] = {}
+    speed: dict[str, float] = {}
     for split, ds in prep.datasets.items():
         if split == "train":
             continue
-        split_metrics[split] = task_metrics(trainer.evaluate(ds, metric_key_prefix=split), split, prep.task)
+        raw = trainer.evaluate(ds, metric_key_prefix=split)
+        split_metrics[split] = task_metrics(raw, split, prep.task)
+        speed[split] = float(raw.get(f"{split}_samples_per_second", float("nan")))
     results: dict[str, Any] = {}
     if is_main:
         ckpt_info = _keep_best_and_last(run, trainer.state.best_model_checkpoint)
@@ -307,8 +331,32 @@ def train(prep: Prepared, run: RunDir, resume: bool = False, is_main: bool = Tru
                 * recipe.task.block_size} if prep.task.spec.kind == "lm" else {}),
             **ckpt_info,
         }
+        eval_split = "test" if "test" in speed else "valid"
+        results["eval_samples_per_second"] = speed[eval_split]
+        if prep.teacher is not None:
+            results["distill"] = _teacher_comparison(prep, trainer, run, eval_split, speed[eval_split])
         run.write_results(results)
     return results
+
+
+def _teacher_comparison(prep: Prepared, trainer: Trainer, run: RunDir, split: str, student_speed: float
+                        ) -> dict[str, Any]:
+    """The teacher on the same split with the same batch size: metrics, size, speed-up of the student."""
+    setup = prep.distill
+    raw = _evaluate_raw(prep.teacher, prep.tokenizer, prep.datasets[split], prep.task,
+                        prep.recipe.train.eval_batch_size, run.path / ".teacher-eval")
+    shutil.rmtree(run.path / ".teacher-eval", ignore_errors=True)
+    t_speed = float(raw.get("eval_samples_per_second", float("nan")))
+    total, _ = count_parameters(prep.teacher)
+    return {
+        "teacher_metrics": {split: task_metrics(raw, "eval", prep.task)},
+        "teacher_params": total,
+        "teacher_eval_samples_per_second": t_speed,
+        "speedup": student_speed / t_speed if t_speed > 0 else float("nan"),
+        "teacher_forwards": int(getattr(trainer, "teacher_forwards", 0)),
+        "teacher_cache": str(setup.cache.path) if setup is not None and setup.cache is not None else None,
+        "layer_map": setup.layer_map.mode if setup is not None and setup.layer_map is not None else None,
+    }
 
 
 def eval_data(recipe: Recipe, tokenizer: Any) -> tuple[TaskData, dict[str, Any]]:
@@ -329,6 +377,11 @@ def eval_data(recipe: Recipe, tokenizer: Any) -> tuple[TaskData, dict[str, Any]]
 def evaluate_model(model: torch.nn.Module, tokenizer: Any, dataset: Any, task: TaskData, batch_size: int,
                    out_dir: Path) -> dict[str, float]:
     """Evaluate a trained model on a tokenised split with a progress bar."""
+    return task_metrics(_evaluate_raw(model, tokenizer, dataset, task, batch_size, out_dir), "eval", task)
+
+
+def _evaluate_raw(model: torch.nn.Module, tokenizer: Any, dataset: Any, task: TaskData, batch_size: int,
+                  out_dir: Path) -> dict[str, float]:
     lm = task.spec.kind == "lm"
     args = TrainingArguments(output_dir=str(out_dir), per_device_eval_batch_size=batch_size, report_to="none",
                              dataloader_pin_memory=torch.cuda.is_available(), use_cpu=cpu_only(),
@@ -336,4 +389,4 @@ def evaluate_model(model: torch.nn.Module, tokenizer: Any, dataset: Any, task: T
     trainer = Trainer(model=model, args=args, processing_class=tokenizer,
                       data_collator=default_data_collator if lm else DataCollatorWithPadding(tokenizer),
                       compute_metrics=None if lm else metrics_for(task))
-    return task_metrics(trainer.evaluate(dataset, metric_key_prefix="eval"), "eval", task)
+    return trainer.evaluate(dataset, metric_key_prefix="eval")

@@ -130,7 +130,29 @@ class StudentConfig(Strict):
     scratch: bool = Field(default=False, description="fresh random init with the from_teacher shape")
 
 
-LossName = Literal["ce", "kd", "reverse_kl", "jsd", "logits_mse", "hidden_mse", "hidden_cos"]
+LossName = Literal["ce", "kd", "reverse_kl", "jsd", "logits_mse", "hidden_mse", "hidden_cos", "attention_kl",
+                   "rail_c", "rail_l", "lora_ild"]
+
+
+class LayerMapSpec(Strict):
+    """Which teacher layers each student layer learns from (0-based transformer blocks).
+
+    ``fixed``: ``pairs`` {student: teacher}; ``average``: ``pairs`` {student: [teacher...]} or a
+    list of groups; ``random`` / ``random_epoch``: ``k`` teacher layers drawn every step / epoch
+    (RAIL-KD), paired in order with ``student_layers`` (default: every student layer).
+    Without a layer map, a student copied from teacher layers maps to the layers it came from.
+    """
+
+    mode: Literal["fixed", "average", "random", "random_epoch"] = "fixed"
+    pairs: dict[int, int | list[int]] | list[int | list[int]] | None = None
+    k: int | None = Field(default=None, gt=0)
+    student_layers: list[Annotated[int, Field(ge=0)]] | None = None
+
+    @model_validator(mode="after")
+    def _needs_pairs(self) -> "LayerMapSpec":
+        if self.mode in ("fixed", "average") and self.pairs is None:
+            raise ValueError(f"distill.layer_map: mode {self.mode} needs pairs")
+        return self
 
 
 class CurriculumConfig(Strict):
@@ -146,8 +168,20 @@ class DistillConfig(Strict):
     losses: dict[LossName, Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: {"ce": 0.5, "kd": 0.5})
     temperature: float = Field(default=2.0, gt=0)
     jsd_beta: float = Field(default=0.5, ge=0, le=1)
-    layer_map: dict[int, int] | None = Field(default=None, description="{student_layer: teacher_layer}")
+    layer_map: LayerMapSpec | None = None
     curriculum: CurriculumConfig | None = None
+    rail_dim: int = Field(default=128, gt=0, description="width of the RAIL-KD projections")
+    lora_ild_modules: list[str] = Field(default_factory=lambda: ["query", "key", "value"], min_length=1,
+                                        description="LoRA layers whose lora_A outputs lora_ild matches")
+    cache_teacher: bool = Field(default=True, description="teacher logits and pooled layers cached on disk "
+                                "(classification; losses needing token-level teacher states run it live)")
+
+    @field_validator("layer_map", mode="before")
+    @classmethod
+    def _plain_map(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "mode" not in v and "pairs" not in v:
+            return {"mode": "fixed", "pairs": v}  # shorthand {student: teacher}
+        return v
 
 
 class FullFT(Strict):
@@ -268,6 +302,8 @@ class Recipe(Strict):
     distill: DistillConfig | None = None
     track: list[Tracker] = Field(default_factory=lambda: ["tensorboard"])
     output_dir: Path = Path("runs")
+    sweep: dict[str, Annotated[list[Any], Field(min_length=1)]] | None = Field(
+        default=None, description="grid for `deltakd sweep`: {dotted.key: [values...]}, e.g. {train.lr: [1e-5, 2e-5]}")
 
     @model_validator(mode="after")
     def _distill_needs_teacher(self) -> "Recipe":

@@ -37,3 +37,28 @@ def print_results(results: dict[str, Any], console: Console | None = None) -> No
         console.print(f"parameters: {p['total']:,} total, {p['trainable']:,} trainable "
                       f"({p['trainable_pct']:.2f}%)   train: {results.get('train_samples_per_second', 0):.1f} "
                       f"samples/s, wall time {results.get('wall_time_s', 0) / 60:.1f} min")
+    d = results.get("distill")
+    if d and d.get("teacher_metrics"):
+        console.print(teacher_student_table(results))
+
+
+def teacher_student_table(results: dict[str, Any]) -> Table:
+    """Teacher vs student on the same split: main metric, parameters, evaluation speed."""
+    d = results["distill"]
+    split, t_metrics = next(iter(d["teacher_metrics"].items()))
+    s_metrics = results["metrics"].get(split, {})
+    main = results.get("main_metric") or next(iter(s_metrics), "loss")
+    if main not in s_metrics:
+        main = "perplexity" if "perplexity" in s_metrics else "loss"
+    table = Table(title=f"teacher vs student ({split})")
+    for col in ("model", main, "parameters", "eval samples/s"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    table.add_row("teacher", _fmt(t_metrics.get(main, float("nan"))), _fmt(d["teacher_params"]),
+                  f"{d['teacher_eval_samples_per_second']:.1f}")
+    table.add_row("student", _fmt(s_metrics.get(main, float("nan"))), _fmt(results["params"]["total"]),
+                  f"{results.get('eval_samples_per_second', float('nan')):.1f}")
+    t_main = t_metrics.get(main)
+    ratio = f"{100 * s_metrics[main] / t_main:.1f}% of the teacher's {main}, " if t_main and main in s_metrics else ""
+    table.caption = (f"student: {ratio}{d['teacher_params'] / results['params']['total']:.2f}x fewer parameters, "
+                     f"{d['speedup']:.2f}x faster")
+    return table
