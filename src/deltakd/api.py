@@ -132,3 +132,23 @@ def list_recipes(root: str | Path = "recipes") -> list[tuple[str, str]]:
         desc = str(data.get("description", "")).strip().splitlines()
         out.append((str(path), desc[0] if desc else ""))
     return out
+
+
+def sweep(recipe: str | Path | Recipe, overrides: Iterable[str] = (), backend: str = "local",
+          ray_address: str | None = None, cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0,
+          progress: bool = True):
+    """Run the recipe's ``sweep:`` grid (one ``train`` per trial, resumable) and summarise it over seeds.
+
+    Returns a :class:`deltakd.sweep.SweepResult`; see :mod:`deltakd.sweep` for the layout on disk.
+    """
+    from .sweep import run_sweep
+
+    return run_sweep(recipe, overrides, backend=backend, ray_address=ray_address, cpus_per_trial=cpus_per_trial,
+                     gpus_per_trial=gpus_per_trial, progress=progress)
+
+
+def report(paths: Iterable[str | Path], out_dir: str | Path = "report") -> dict[str, Path]:
+    """Compare runs / run-name folders / sweep dirs in ``out_dir``/report.md and a self-contained report.html."""
+    from .report.compare import build_report
+
+    return build_report(paths, out_dir)

@@ -91,6 +91,46 @@ def recipes(root: Path = typer.Argument(Path("recipes"), help="Folder of recipes
     console.print(table)
 
 
+@app.command()
+def sweep(recipe: Path = typer.Argument(..., help="Recipe YAML file with a sweep: grid."),
+          overrides: Optional[List[str]] = typer.Argument(
+              None, help="Dotted overrides, e.g. train.epochs=2; sweep.train.lr=[1e-5,2e-5] sets a grid key."),
+          backend: str = typer.Option("local", "--backend", help="local (in-process, one trial after another) or ray."),
+          ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (ray only)."),
+          cpus_per_trial: float = typer.Option(1.0, "--cpus-per-trial", min=0, help="Ray resources per trial."),
+          gpus_per_trial: float = typer.Option(0.0, "--gpus-per-trial", min=0, help="Ray resources per trial.")):
+    """Run the recipe's sweep: grid, one run per setting; rerun to resume. Output: runs/<name>-sweep/."""
+    from rich.text import Text
+
+    from . import api
+    from .report.compare import best_lines, summary_table
+
+    result = api.sweep(recipe, overrides or [], backend=backend, ray_address=ray_address,
+                       cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
+    headers, rows = summary_table(result.summary)
+    table = Table(title=f"sweep {result.summary.name}: mean ± std over seeds")
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i < len(result.summary.keys) else "right")
+    for row in rows:
+        table.add_row(*[Text(c.replace("**", "")) for c in row])  # values like [query, value] are not markup
+    console.print(table)
+    for line in best_lines(result.summary):
+        console.print(line, markup=False, highlight=False)
+    skipped = sum(t.status == "skipped" for t in result.trials)
+    console.print(f"{len(result.trials) - skipped} trial(s) run, {skipped} finished before; "
+                  f"summary: {result.files.get('markdown', result.sweep_dir)}", markup=False, highlight=False)
+
+
+@app.command()
+def report(paths: List[Path] = typer.Argument(..., help="Run dirs, run-name folders (runs/<name>) or sweep dirs."),
+           out: Path = typer.Option(Path("report"), "--out", help="Folder for report.md, report.html and PNGs.")):
+    """Compare runs and sweeps in one markdown and one self-contained HTML page."""
+    from . import api
+
+    files = api.report(paths, out)
+    console.print(f"wrote {files['markdown']} and {files['html']}", markup=False, highlight=False)
+
+
 def main() -> None:
     """Console entry point: user errors print one line and exit 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
