@@ -1,0 +1,18 @@
+"""Act-controlled dialogue generation on DailyDialog: data (reader, examples, encoding) and metrics."""
+
+from __future__ import annotations
+
+from .data import (ACTS, EMOTIONS, DialogueCollator, DialogueFormat, ReadStats, ResponseExample, Turn,
+                   encode_generation_prompts, encode_response_example, encode_response_examples,
+                   generation_batch, model_max_positions, read_dailydialog, read_dailydialog_files,
+                   response_examples, response_from_generation, split_files, utterance_examples,
+                   write_act_task)
+from .metrics import control_accuracy, corpus_bleu, dialogue_metrics, distinct_n, empty_rate
+
+__all__ = [
+    "ACTS", "EMOTIONS", "DialogueCollator", "DialogueFormat", "ReadStats", "ResponseExample", "Turn",
+    "control_accuracy", "corpus_bleu", "dialogue_metrics", "distinct_n", "empty_rate",
+    "encode_generation_prompts", "encode_response_example", "encode_response_examples", "generation_batch",
+    "model_max_positions", "read_dailydialog", "read_dailydialog_files", "response_examples",
+    "response_from_generation", "split_files", "utterance_examples", "write_act_task",
+]

@@ -1,0 +1,11 @@
+"""Multilingual sentence-embedding distillation in stages (the ``multistage`` family).
+
+Reimers & Gurevych 2020 (multilingual knowledge distillation, MSE baseline) and Ding et al. 2022
+(multi-stage distillation: bottleneck, parameter recurrence, multilingual contrastive learning).
+
+- ``data``: parallel pairs, cross-lingual STS, held-out split, pair collator;
+- ``models``: bottleneck embedding + SVD alignment, parameter recurrence, save / load / export,
+  SentenceTransformer wrapping;
+- ``losses``: pure tensor losses (Reimers MSE, InfoNCE / MCL, in-batch CE and BCE);
+- ``evaluate``: MSE x100, translation retrieval, STS Spearman, encode speed.
+"""
