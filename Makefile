@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine (Python 3.10+ only):
 #   make demo   - create .venv if missing, install torch 2.13.0 (CPU) then deltakd, run the quickstart
+#                 (LoRA teacher, then a 3-layer student distilled from it)
 #   make test   - the same set-up, then the default test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,6 +20,7 @@ setup: $(STAMP)
 
 demo: setup
 	$(VENV)/bin/deltakd train recipes/quickstart.yaml
+	$(VENV)/bin/deltakd train recipes/quickstart_student.yaml
 
 test: setup
 	$(PY) -m pytest -q
@@ -28,6 +30,7 @@ test-slow: setup
 
 bench: setup
 	$(PY) benchmarks/train_overhead.py
+	$(PY) benchmarks/kd_throughput.py
 
 clean:
 	rm -rf runs .pytest_cache
