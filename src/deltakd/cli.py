@@ -140,7 +140,9 @@ def main() -> None:
         err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err_console.print("interrupted; resume with: deltakd train RECIPE --resume", markup=False)
+        hint = ("rerun the same deltakd sweep command: finished trials are skipped, the interrupted one resumes"
+                if "sweep" in sys.argv[1:2] else "resume with: deltakd train RECIPE --resume")
+        err_console.print(f"interrupted; {hint}", markup=False)
         sys.exit(130)
 
 

@@ -25,6 +25,10 @@ def test_sst2_preset_with_resplit_makes_dev_the_test_split():
     assert again.splits["valid"] == data.splits["valid"]  # seeded
     other = load_task(task(name="sst2", data_dir=ROOT / "data/sst2", resplit_valid=0.1), seed=8)
     assert other.splits["valid"] != data.splits["valid"]
+    # split_seed pins the split whatever the training seed (a seed sweep shares one split)
+    pinned = [load_task(task(name="sst2", data_dir=ROOT / "data/sst2", resplit_valid=0.1, split_seed=7), seed=s)
+              for s in (1, 8)]
+    assert pinned[0].splits["valid"] == pinned[1].splits["valid"] == data.splits["valid"]
     # stratified: the label balance of valid is within a point of train's
     share = lambda xs: sum(e["label"] for e in xs) / len(xs)  # noqa: E731
     assert abs(share(data.splits["valid"]) - share(data.splits["train"])) < 0.01

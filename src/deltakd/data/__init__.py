@@ -33,6 +33,7 @@ def load_task(cfg: TaskConfig, seed: int) -> TaskData:
         raw = {split: read_file(path, spec) for split, path in spec.files.items()}
     train = raw["train"]
     valid = raw.get("valid")
+    seed = seed if cfg.split_seed is None else cfg.split_seed
     test = raw.get("test")
     if cfg.resplit_valid:
         train, valid, test = (*resplit(train, cfg.resplit_valid, seed, spec.kind == "classification"), valid)

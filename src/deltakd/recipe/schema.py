@@ -59,6 +59,8 @@ class TaskConfig(Strict):
     metrics: list[Literal["accuracy", "f1", "matthews", "pearson", "spearman", "perplexity"]] | None = None
     hf: HFSource | None = None
     resplit_valid: float | None = Field(default=None, gt=0.0, lt=1.0)
+    split_seed: int | None = Field(default=None, description="seed of resplit_valid and max_train_samples; "
+                                   "default train.seed. Fix it to keep one split across a seed sweep")
     k_shot: KShot | None = None
     max_train_samples: int | None = Field(default=None, gt=0)
     max_eval_samples: int | None = Field(default=None, gt=0)
