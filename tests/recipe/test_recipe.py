@@ -30,6 +30,15 @@ def test_every_recipe_loads_and_validates(path, monkeypatch):
     assert recipe.name and recipe.description, "every recipe needs a name and a one-line description"
 
 
+def test_extends_with_another_peft_method_replaces_the_section(tmp_path):
+    from deltakd.recipe.load import deep_merge
+
+    base = {"peft": {"method": "lora", "r": 8, "target": ["query"]}, "train": {"lr": 1e-3, "epochs": 3}}
+    out = deep_merge(base, {"peft": {"method": "full"}, "train": {"lr": 1e-4}})
+    assert out == {"peft": {"method": "full"}, "train": {"lr": 1e-4, "epochs": 3}}
+    assert deep_merge(base, {"peft": {"r": 16}})["peft"] == {"method": "lora", "r": 16, "target": ["query"]}
+
+
 def test_extends_merges_nested_sections_and_child_wins(tmp_path):
     write_recipe(tmp_path / "base.yaml", """
 name: base

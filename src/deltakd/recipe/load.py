@@ -32,10 +32,16 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
-    """Child keys win; nested mappings merge; lists and scalars are replaced."""
+    """Child keys win; nested mappings merge; lists and scalars are replaced.
+
+    A mapping whose ``method`` differs from the base's (``peft: {method: full}`` over a LoRA
+    section) replaces it whole: the other method's options do not apply to it.
+    """
     out = copy.deepcopy(base)
     for k, v in child.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        switched = isinstance(v, dict) and isinstance(out.get(k), dict) and "method" in v \
+            and v["method"] != out[k].get("method")
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not switched:
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
