@@ -240,7 +240,7 @@ def make_trainer(prep: Prepared, run: RunDir, args: TrainingArguments, callbacks
     d, setup = recipe.distill, prep.distill
     if d.curriculum is not None and d.curriculum.lr is not None:
         common["callbacks"] = [*cbs, CurriculumCallback(setup.schedule)]
-    return DistillTrainer(**common, teacher=prep.teacher, schedule=setup.schedule,
+    return DistillTrainer(**common, teacher=setup.teacher, schedule=setup.schedule,
                           kind="lm" if lm else "classification", temperature=d.temperature, jsd_beta=d.jsd_beta,
                           layer_map=setup.layer_map, heads=setup.heads, cache=setup.cache,
                           lora_modules=tuple(d.lora_ild_modules))
@@ -343,11 +343,11 @@ def _teacher_comparison(prep: Prepared, trainer: Trainer, run: RunDir, split: st
                         ) -> dict[str, Any]:
     """The teacher on the same split with the same batch size: metrics, size, speed-up of the student."""
     setup = prep.distill
-    raw = _evaluate_raw(prep.teacher, prep.tokenizer, prep.datasets[split], prep.task,
+    raw = _evaluate_raw(setup.teacher if setup is not None else prep.teacher, prep.tokenizer, prep.datasets[split], prep.task,
                         prep.recipe.train.eval_batch_size, run.path / ".teacher-eval")
     shutil.rmtree(run.path / ".teacher-eval", ignore_errors=True)
     t_speed = float(raw.get("eval_samples_per_second", float("nan")))
-    total, _ = count_parameters(prep.teacher)
+    total, _ = count_parameters(setup.teacher if setup is not None else prep.teacher)
     return {
         "teacher_metrics": {split: task_metrics(raw, "eval", prep.task)},
         "teacher_params": total,

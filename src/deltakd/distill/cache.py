@@ -93,7 +93,9 @@ def compute_teacher_outputs(teacher: nn.Module, dataset: Any, collator: Any, bat
     from torch.utils.data import DataLoader
 
     cols = [c for c in _INPUT_COLUMNS if c in dataset.column_names]
-    rows = dataset.select_columns(cols)
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)  # similar lengths together: little padding
+    rows = dataset.select_columns(cols).select(order)
     loader = DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=collator)
     teacher.eval()
     all_logits, all_pooled = [], []
@@ -104,7 +106,9 @@ def compute_teacher_outputs(teacher: nn.Module, dataset: Any, collator: Any, bat
         pooled = torch.stack([mean_pool(h, mask) for h in out.hidden_states], dim=1)  # (B, n+1, H)
         all_logits.append(out.logits.to(torch.float16).cpu())
         all_pooled.append(pooled.to(torch.float16).cpu())
-    return torch.cat(all_logits), torch.cat(all_pooled)
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(len(order))  # row i of the output is example i
+    return torch.cat(all_logits)[back], torch.cat(all_pooled)[back]
 
 
 def load_or_build(teacher: nn.Module, dataset: Any, collator: Any, batch_size: int,

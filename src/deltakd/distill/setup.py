@@ -28,6 +28,7 @@ class DistillSetup:
     layer_map: LayerMap | None
     heads: DistillHeads | None
     cache: TeacherCache | None
+    teacher: nn.Module  # what the trainer runs: a LoRA teacher merged unless its adapter is needed
 
 
 def make_schedule(d: DistillConfig) -> LossSchedule:
@@ -94,6 +95,10 @@ def prepare_distill(d: DistillConfig, student: nn.Module, teacher: nn.Module, ki
                                f"for classification use kd or logits_mse")
         if num_labels == 1 and "kd" in names:
             raise DeltakdError("distill.losses.kd: a regression head has one output, no distribution; use logits_mse")
+    if "lora_ild" not in names and hasattr(teacher, "merge_and_unload"):
+        from ..models.delta import plain_copy
+
+        teacher = plain_copy(teacher).eval()  # same logits (1e-5), no adapter overhead per forward
     n_s, n_t = layer_count(student), layer_count(teacher)
     layer_map = None
     if names & set(LAYER_LOSSES):
@@ -134,4 +139,4 @@ def prepare_distill(d: DistillConfig, student: nn.Module, teacher: nn.Module, ki
         train = datasets["train"]
         if INDEX not in train.column_names:
             datasets["train"] = train.add_column(INDEX, list(range(len(train))))
-    return DistillSetup(schedule, layer_map, heads if not heads.empty else None, cache)
+    return DistillSetup(schedule, layer_map, heads if not heads.empty else None, cache, teacher)
