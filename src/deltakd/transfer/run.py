@@ -1,0 +1,481 @@
+"""``deltakd transfer RECIPE``: source library, estimators, fusion, k-shot target tuning, results.
+
+Layout under ``<output_dir>/<name>/``::
+
+    estimates/<target>--s<seed>.json    scores per estimator, weights per start, leave-one-out sources
+    fused/<target>--<start>--s<seed>.safetensors   the initial delta module of each fused start
+    targets/<target>--<start>--s<seed>/<stamp>/    an ordinary run directory per target run
+    runs.json                            target run -> run directory and the digest of its start
+    results.csv  results.md  weights.csv  weights.png   (written atomically at the end)
+
+Starts: ``random`` (a fresh module), ``uniform`` (the plain average), ``best_single`` (one-hot on the
+source ranked best by ``estimate.best_single_by``), one per estimator, and ``uniform_factors`` (the
+naive LoRA factor average) with ``fusion.factor_baseline``. A target's own source module never takes
+part (leave-one-out). The target's head starts fresh (the same seeded initialisation for every
+start) unless ``fusion.heads: same_labels`` and every source shares the target's label set.
+
+Rerunning is cheap: finished source modules, estimates and target runs whose recipe and start are
+unchanged are reused.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from rich.console import Console
+from torch import Tensor
+
+from ..errors import DeltakdError
+from ..recipe import Recipe, validate
+from ..utils import atomic_write_json, atomic_write_text, text_digest
+from . import estimators as est
+from .fuse import Combine, TransferError, fuse_modules
+from .library import SourceModule, _task_dict, build_module, delta_state, load_delta, source_recipe
+from .recipe import TransferRecipe, load_transfer_recipe
+
+FIT = {"loss", "kl", "el2n", "logits_labels"}
+GRADS = {"grand"}
+TUNING = {"euclidean", "dev_change", "kl_shift"}
+TARGET_PROBE = {"cosine"}
+BASE_STARTS = ("random", "uniform", "best_single")
+
+
+def starts_of(recipe: TransferRecipe) -> list[str]:
+    """Every start a target is trained from, in table order."""
+    spec = recipe.transfer
+    out = list(BASE_STARTS)
+    if spec.fusion.factor_baseline and spec.peft.method == "lora":
+        out.append("uniform_factors")
+    out += [e for e in spec.estimate.estimators if e != "uniform"]
+    return out
+
+
+def run_name(target: str, start: str, seed: int) -> str:
+    return f"{target}--{start}--s{seed}"
+
+
+def out_dir(recipe: TransferRecipe) -> Path:
+    return Path(recipe.output_dir) / recipe.name
+
+
+# --------------------------------------------------------------------------------------------
+# ordinary recipes of the target runs
+# --------------------------------------------------------------------------------------------
+
+
+def target_recipe(recipe: TransferRecipe, target: str, start: str, seed: int) -> Recipe:
+    spec = recipe.transfer
+    tc = spec.target
+    train = tc.train.model_dump(mode="json")
+    train["seed"] = seed
+    data = {
+        "name": run_name(target, start, seed),
+        "description": f"transfer target {target}, {tc.k}-shot, start {start}, seed {seed}",
+        "task": _task_dict(recipe, target, k_shot={"k": tc.k, "per_class": tc.per_class, "seed": seed},
+                           max_eval_samples=tc.max_eval_samples),
+        "model": {"name": spec.backbone},
+        "peft": spec.peft.model_dump(mode="json"),
+        "train": train,
+        "track": [],
+        "output_dir": str(out_dir(recipe) / "targets"),
+    }
+    return validate(data, source=f"{recipe.name}: target '{target}'")
+
+
+# --------------------------------------------------------------------------------------------
+# estimation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Estimate:
+    target: str
+    seed: int
+    sources: list[str]  # leave-one-out: the target is never among them
+    scores: dict[str, list[float]]  # estimator -> (S,)
+    weights: dict[str, list[float]]  # start -> (S,)
+    dev_after: list[float] | None = None
+    digest: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target": self.target, "seed": self.seed, "sources": self.sources, "scores": self.scores,
+                "weights": self.weights, "dev_after": self.dev_after, "digest": self.digest}
+
+
+def normalise(scores: Tensor, how: str) -> Tensor:
+    """z-score (equal scores -> zeros) or unchanged  # (S,)"""
+    s = torch.as_tensor(scores, dtype=torch.float64)
+    if how == "none" or s.numel() < 2:
+        return s
+    std = s.std(unbiased=False)
+    return torch.zeros_like(s) if std < 1e-12 else (s - s.mean()) / std
+
+
+def scores_from_probes(recipe: TransferRecipe, target: str, sources: list[str], probes: list[Any],
+                       target_state: dict[str, Tensor] | None, labels: Tensor,
+                       modules: dict[str, SourceModule]) -> dict[str, list[float]]:
+    """Every estimator's raw scores (higher = more similar), one per source  # (S,)"""
+    spec = recipe.transfer
+    out: dict[str, Tensor] = {}
+    for name in spec.estimate.estimators:
+        if name == "uniform":
+            out[name] = est.uniform(len(sources))
+        elif name == "task_groups":
+            out[name] = est.task_groups(sources, target, spec.groups or {})
+        elif name == "cosine":
+            from .fuse import split_head
+
+            scaling = {s: modules[s].scaling for s in sources}
+            flat_t = _flat(target_state, modules[sources[0]].scaling, spec.peft.method)
+            out[name] = est.cosine([_flat(split_head(modules[s].state)[0], scaling[s], spec.peft.method)
+                                    for s in sources], flat_t)
+        elif name == "euclidean":
+            out[name] = est.euclidean([p.before for p in probes], [p.after for p in probes])
+        elif name == "dev_change":
+            out[name] = est.dev_change([p.dev_before for p in probes], [p.dev_after for p in probes])
+        elif name == "kl_shift":
+            out[name] = est.kl_shift([p.logits_before for p in probes], [p.logits_after for p in probes])
+        elif name == "grand":
+            out[name] = est.grand([p.grad_norms for p in probes])
+        elif name == "loss":
+            out[name] = est.target_loss([p.cv_logits for p in probes], labels)
+        else:  # kl, el2n, logits_labels: (logits, labels)
+            out[name] = est.get_estimator(name)([p.cv_logits for p in probes], labels)
+    return {k: [float(x) for x in v] for k, v in out.items()}
+
+
+def _flat(state: dict[str, Tensor], scaling: float, method: str) -> Tensor:
+    from .fuse import flatten_delta
+
+    return flatten_delta(state, lora="product", scaling=scaling) if method == "lora" else flatten_delta(state)
+
+
+def weights_from_scores(recipe: TransferRecipe, scores: dict[str, list[float]],
+                        dev_after: list[float] | None, n: int) -> dict[str, list[float]]:
+    """Fusion weights of every start except ``random`` (softmax of normalised scores, temperature)."""
+    e = recipe.transfer.estimate
+    weights: dict[str, list[float]] = {"uniform": [1.0 / n] * n}
+    if recipe.transfer.fusion.factor_baseline and recipe.transfer.peft.method == "lora":
+        weights["uniform_factors"] = [1.0 / n] * n
+    rank = dev_after if e.best_single_by == "dev_after" else scores[e.best_single_by]
+    if rank is None:
+        raise TransferError("best_single_by: dev_after was not measured")
+    best = max(range(n), key=lambda i: (rank[i], -i))
+    weights["best_single"] = [1.0 if i == best else 0.0 for i in range(n)]
+    for name, s in scores.items():
+        if name == "uniform":
+            continue
+        z = normalise(torch.tensor(s), e.normalize)
+        weights[name] = [float(x) for x in est.softmax_weights(z, e.temperature_of(name))]
+    return weights
+
+
+def estimate_target(recipe: TransferRecipe, target: str, seed: int, modules: dict[str, SourceModule],
+                    log: "Progress") -> Estimate:
+    """Scores and weights for one target and seed: reused from ``estimates/`` when unchanged."""
+    from transformers import set_seed
+
+    from .. import engine
+    from .probe import ProbeData, fresh_copy, pad_dataset, probe_module
+
+    spec = recipe.transfer
+    sources = list(est.leave_one_out({s: s for s in spec.sources}, target))
+    digest = text_digest("transfer-estimate-v1", spec.estimate.model_dump(mode="json"),
+                         spec.fusion.model_dump(mode="json"), target_recipe(recipe, target, "probe", seed).task
+                         .model_dump(mode="json"), spec.backbone, spec.peft.model_dump(mode="json"),
+                         [(s, modules[s].meta.get("run_dir")) for s in sources], spec.groups)
+    path = out_dir(recipe) / "estimates" / f"{target}--s{seed}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("digest") == digest:
+            return Estimate(**saved)
+    log.note(f"estimating {target} seed {seed} ({len(sources)} sources)")
+    e = spec.estimate
+    prep = engine.prepare(target_recipe(recipe, target, "probe", seed))
+    data = ProbeData(pad_dataset(prep.datasets["train"], prep.tokenizer),
+                     pad_dataset(prep.datasets["valid"], prep.tokenizer, e.dev_samples),
+                     prep.head.num_labels, tuple(prep.task.spec.metrics))
+    pristine = prep.model
+    names = set(e.estimators)
+    tuning = bool(names & TUNING) or e.best_single_by == "dev_after"
+    probes = []
+    for s in sources:
+        set_seed(seed)
+        model = fresh_copy(pristine)
+        load_delta(model, _without_head(modules[s].state))
+        probes.append(probe_module(model, data, fit=bool(names & FIT), grads=bool(names & GRADS), tuning=tuning,
+                                   steps=e.steps, lr=e.lr, batch_size=e.batch_size, folds=e.folds, seed=seed))
+        del model
+    target_state = None
+    if names & TARGET_PROBE:
+        set_seed(seed)
+        model = fresh_copy(pristine)
+        probe_module(model, data, fit=False, grads=False, tuning=True, steps=e.steps, lr=e.lr,
+                     batch_size=e.batch_size, folds=e.folds, seed=seed)
+        target_state = _without_head(delta_state(model))
+    scores = scores_from_probes(recipe, target, sources, probes, target_state, data.labels, modules)
+    dev_after = [float(p.dev_after) for p in probes] if tuning else None
+    weights = weights_from_scores(recipe, scores, dev_after, len(sources))
+    result = Estimate(target, seed, sources, scores, weights, dev_after, digest)
+    atomic_write_json(path, result.to_json())
+    return result
+
+
+def _without_head(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    from .fuse import split_head
+
+    return split_head(state)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# fusion into a start
+# --------------------------------------------------------------------------------------------
+
+
+def fuse_start(recipe: TransferRecipe, modules: list[SourceModule], weights: list[float], start: str,
+               target_labels: list[str] | None, seed: int = 0) -> dict[str, Tensor]:
+    """The initial delta module (and head, only for identical label sets with ``heads: same_labels``).
+
+    Heads with different label sets are never fused: the target's head starts fresh, because the rows
+    of heads for other label sets mean other classes (see :func:`deltakd.transfer.fuse.fuse_heads`).
+    """
+    spec = recipe.transfer
+    f = spec.fusion
+    lora = spec.peft.method == "lora"
+    method = ("lora_factors" if start == "uniform_factors" or f.lora == "factors" else "lora_svd") if lora \
+        else "average"
+    combine = Combine(method="average" if method == "lora_factors" else f.combine, density=f.density,
+                      drop_rate=f.drop_rate, seed=seed)
+    label_sets = None
+    if f.heads == "same_labels" and all(m.labels == target_labels for m in modules):
+        label_sets = [m.labels for m in modules]
+    kw: dict[str, Any] = {}
+    if method == "lora_svd":
+        kw = dict(rank=spec.peft.r, source_scaling=[m.scaling for m in modules],
+                  target_scaling=modules[0].scaling)
+    delta, head = fuse_modules([m.state for m in modules], weights, method=method, label_sets=label_sets,
+                               combine=combine, **kw)
+    out = {k: v.to(torch.float32).contiguous() for k, v in delta.items()}
+    if head is not None:
+        out.update({k: v.to(torch.float32).contiguous() for k, v in head.items()})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# progress
+# --------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """A rich progress line at every boundary (no live display, so the Trainer's bars stay readable)."""
+
+    def __init__(self, name: str, total: int, console: Console | None) -> None:
+        self.name, self.total, self.done, self.console = name, total, 0, console
+
+    def note(self, text: str) -> None:
+        if self.console is None:
+            return
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+
+        row = Table.grid(padding=(0, 1))
+        row.add_row(f"[bold]transfer {self.name}[/bold]", ProgressBar(total=max(self.total, 1), completed=self.done,
+                                                                        width=30),
+                    f"{self.done}/{self.total} target runs", text)
+        self.console.print(row)
+
+
+# --------------------------------------------------------------------------------------------
+# the whole experiment
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TargetRun:
+    target: str
+    start: str
+    seed: int
+    run_dir: str
+    metric: str
+    value: float
+    status: str  # ran | skipped
+
+
+@dataclass
+class TransferResult:
+    out_dir: Path
+    starts: list[str]
+    runs: list[TargetRun]
+    estimates: list[Estimate]
+    modules: dict[str, SourceModule]
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def check_recipe(recipe: TransferRecipe) -> dict[str, Recipe]:
+    """Every ordinary recipe the experiment will run, validated before any work (bad input: one line)."""
+    from ..data.tasks import resolve_task
+
+    spec = recipe.transfer
+    checked: dict[str, Recipe] = {}
+    for name in dict.fromkeys([*spec.sources, *spec.targets]):
+        resolve_task(spec.tasks[name])
+    for s in spec.sources:
+        checked[f"source:{s}"] = source_recipe(recipe, s)
+    for t in spec.targets:
+        kind = resolve_task(spec.tasks[t]).kind
+        if kind != "classification":
+            raise DeltakdError(f"transfer.targets: '{t}' is a {kind} task; targets must be classification")
+        for seed in spec.target.seeds:
+            checked[f"target:{t}:{seed}"] = target_recipe(recipe, t, "random", seed)
+    return checked
+
+
+def run_transfer(recipe: str | Path | TransferRecipe, overrides: Iterable[str] = (), console: Console | None = None,
+                 progress: bool = True) -> TransferResult:
+    """Run (or resume) a transfer recipe; see the module docstring."""
+    from .. import api
+    from ..runs import latest_run, load_run_recipe
+    from .report import write_results
+
+    if not isinstance(recipe, TransferRecipe):
+        recipe = load_transfer_recipe(recipe, overrides)
+    check_recipe(recipe)
+    spec = recipe.transfer
+    console = (console or Console(stderr=True)) if progress else None
+    starts = starts_of(recipe)
+    total = len(spec.targets) * len(spec.target.seeds) * len(starts)
+    bar = Progress(recipe.name, total, console)
+    root = out_dir(recipe)
+
+    modules: dict[str, SourceModule] = {}
+    for i, s in enumerate(spec.sources):
+        bar.note(f"source module {i + 1}/{len(spec.sources)}: {s}")
+        modules[s] = build_module(recipe, s, progress=progress)
+
+    manifest_path = root / "runs.json"
+    manifest: dict[str, Any] = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    runs: list[TargetRun] = []
+    estimates: list[Estimate] = []
+    for target in spec.targets:
+        for seed in spec.target.seeds:
+            estimate = estimate_target(recipe, target, seed, modules, bar)
+            estimates.append(estimate)
+            srcs = [modules[s] for s in estimate.sources]
+            target_labels = _target_labels(recipe, target, seed) if spec.fusion.heads == "same_labels" else None
+            for start in starts:
+                name = run_name(target, start, seed)
+                rec = target_recipe(recipe, target, start, seed)
+                fused = None if start == "random" else fuse_start(recipe, srcs, estimate.weights[start], start,
+                                                                  target_labels, seed)
+                init_digest = "random" if fused is None else state_digest(fused)
+                prev = latest_run(rec.output_dir, name)
+                if (prev is not None and prev.finished and manifest.get(name, {}).get("init") == init_digest
+                        and not api._same_recipe(load_run_recipe(prev), rec)):
+                    results = prev.read_results()
+                    runs.append(_target_run(target, start, seed, results, "skipped"))
+                    bar.done += 1
+                    continue
+                bar.note(f"training {name}")
+                if fused is not None:
+                    _save_fused(root / "fused" / f"{name}.safetensors", fused)
+                results = api.train(rec, init=None if fused is None else _loader(fused))
+                manifest[name] = {"run_dir": results["run_dir"], "init": init_digest,
+                                  "weights": None if fused is None else estimate.weights[start],
+                                  "sources": estimate.sources}
+                atomic_write_json(manifest_path, manifest)
+                runs.append(_target_run(target, start, seed, results, "ran"))
+                bar.done += 1
+                bar.note(f"finished {name}: {runs[-1].metric} {runs[-1].value:.4f}")
+    result = TransferResult(root, starts, runs, estimates, modules)
+    result.files = write_results(result, recipe)
+    bar.note(f"results: {result.files['markdown']}")
+    return result
+
+
+def _target_labels(recipe: TransferRecipe, target: str, seed: int) -> list[str] | None:
+    from ..data.tasks import resolve_task
+
+    spec = resolve_task(recipe.transfer.tasks[target])
+    if spec.labels is not None:
+        return list(spec.labels)
+    from ..data import load_task
+
+    return list(load_task(target_recipe(recipe, target, "random", seed).task, seed).labels or []) or None
+
+
+def state_digest(state: dict[str, Tensor]) -> str:
+    """A digest of a state dict's keys, shapes and exact values."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        v = state[k].detach().to("cpu", torch.float32).contiguous()
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _loader(fused: dict[str, Tensor]):
+    def init(prep) -> None:
+        load_delta(prep.model, fused)
+
+    return init
+
+
+def _save_fused(path: Path, state: dict[str, Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp))
+    tmp.replace(path)
+
+
+def _target_run(target: str, start: str, seed: int, results: dict[str, Any], status: str) -> TargetRun:
+    metric = results.get("main_metric", "accuracy")
+    metrics = results.get("metrics", {})
+    split = "test" if "test" in metrics else "valid"
+    value = float(metrics.get(split, {}).get(metric, math.nan))
+    return TargetRun(target, start, seed, results.get("run_dir", ""), f"{split}_{metric}", value, status)
+
+
+def summarise(result: TransferResult, targets: list[str]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """start -> target (and ``mean``) -> (mean, std over seeds, n)."""
+    out: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for start in result.starts:
+        row: dict[str, tuple[float, float, int]] = {}
+        for t in targets:
+            vals = [r.value for r in result.runs if r.start == start and r.target == t and not math.isnan(r.value)]
+            row[t] = (statistics.fmean(vals) if vals else math.nan,
+                      statistics.stdev(vals) if len(vals) > 1 else math.nan, len(vals))
+        means = [row[t][0] for t in targets if not math.isnan(row[t][0])]
+        # the average over targets; its spread is the std over seeds of the per-seed target average
+        seeds = sorted({r.seed for r in result.runs})
+        per_seed = []
+        for s in seeds:
+            v = [r.value for r in result.runs if r.start == start and r.seed == s and not math.isnan(r.value)]
+            if len(v) == len(targets):
+                per_seed.append(statistics.fmean(v))
+        row["mean"] = (statistics.fmean(means) if means else math.nan,
+                       statistics.stdev(per_seed) if len(per_seed) > 1 else math.nan, len(per_seed))
+        out[start] = row
+    return out
+
+
+def csv_text(rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+__all__ = ["Estimate", "TransferResult", "check_recipe", "estimate_target", "fuse_start", "run_transfer",
+           "starts_of", "summarise", "target_recipe", "weights_from_scores", "atomic_write_text"]
