@@ -7,5 +7,9 @@ Reimers & Gurevych 2020 (multilingual knowledge distillation, MSE baseline) and 
 - ``models``: bottleneck embedding + SVD alignment, parameter recurrence, save / load / export,
   SentenceTransformer wrapping;
 - ``losses``: pure tensor losses (Reimers MSE, InfoNCE / MCL, in-batch CE and BCE);
-- ``evaluate``: MSE x100, translation retrieval, STS Spearman, encode speed.
+- ``evaluate``: MSE x100, translation retrieval, STS Spearman, encode speed;
+- ``recipe``: the family's recipe model (``family: multistage``), stage structure and losses;
+- ``teacher``: sentence-transformers teacher, English embeddings cached on disk;
+- ``trainer``: the HF Trainer subclass (loss terms, held-out evaluation);
+- ``run``: one stage, the ``init_from`` chain and ``deltakd pipeline`` (skip / resume / re-test).
 """

@@ -1,0 +1,111 @@
+"""The multistage Trainer: wiring only (student embeddings, cached teacher targets, loss terms, logs).
+
+A batch is two tokenised sides of the same pairs plus the cached teacher embedding of each
+English sentence (``PairBatchCollator``); the student (a plain HF encoder, possibly with a
+bottleneck embedding or shared layers, built beforehand in ``models.py``) embeds both sides with
+mean pooling (+ L2 when the teacher normalises), and the loss is the recipe's weighted sum of
+the pure functions in ``losses.py``. Every term is logged as ``loss_<term>``. Evaluation adds
+held-out translation accuracy and MSE x100 to the Trainer's ``eval_loss``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import Trainer
+
+from ..distill.losses import mean_pool
+from . import losses as L
+from .data import ParallelCollator, ParallelPair
+from .recipe import LossConfig
+from .teacher import TeacherEmbeddings
+
+__all__ = ["MultistageTrainer", "PairBatchCollator", "embed"]
+
+
+class PairBatchCollator(ParallelCollator):
+    """``ParallelCollator`` plus ``teacher_en`` (B, H): the cached teacher embedding of each English side."""
+
+    def __init__(self, tokenizer: Any, teacher: TeacherEmbeddings, max_length: int = 128) -> None:
+        super().__init__(tokenizer, max_length)
+        self.teacher = teacher
+
+    def __call__(self, pairs: Sequence[ParallelPair]) -> dict[str, Any]:
+        batch = super().__call__(pairs)
+        batch.pop("lang")  # strings: the Trainer would try to move them to the device
+        batch["teacher_en"] = self.teacher.lookup([p.english for p in pairs])  # (B, H)
+        return batch
+
+
+def embed(model: nn.Module, encoded: dict[str, Tensor], normalize: bool) -> Tensor:
+    """Mean-pooled last hidden state (+ L2), as sentence-transformers' Pooling('mean') [+ Normalize]."""
+    hidden = model(**encoded).last_hidden_state  # (B, L, H)
+    emb = mean_pool(hidden, encoded["attention_mask"])  # (B, H)
+    return F.normalize(emb, p=2, dim=-1) if normalize else emb
+
+
+def loss_terms(s_en: Tensor, s_tr: Tensor, t_en: Tensor, cfg: LossConfig) -> dict[str, Tensor]:
+    """The active terms, each (): student English / translation (B, H), teacher English (B, H)."""
+    w = cfg.weights()
+    out: dict[str, Tensor] = {}
+    if w["mse"] > 0:
+        out["mse"] = L.reimers_mse(s_en, s_tr, t_en)
+    if w["mcl"] > 0:
+        out["mcl"] = L.mcl_loss(s_tr, t_en, temperature=cfg.temperature)
+    if w["ce"] > 0:
+        out["ce"] = L.in_batch_ce(s_tr, t_en, temperature=cfg.temperature)
+    if w["bool"] > 0:
+        out["bool"] = L.in_batch_bce(s_tr, t_en, temperature=cfg.temperature, bias=cfg.bool_bias)
+    return out
+
+
+class MultistageTrainer(Trainer):
+    """``transformers.Trainer`` whose loss is the recipe's weighted embedding objectives.
+
+    ``extra_eval``: called with the model at every evaluation, returns metrics (without prefix)
+    added as ``eval_<key>`` (held-out translation accuracy, MSE x100).
+    """
+
+    def __init__(self, *args: Any, loss: LossConfig, normalize: bool,
+                 extra_eval: Callable[[nn.Module], dict[str, float]] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss_cfg = loss
+        self.normalize = normalize
+        self.extra_eval = extra_eval
+        self._term_sums: dict[str, float] = defaultdict(float)
+        self._term_count = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        s_en = embed(model, inputs["english"], self.normalize)  # (B, H)
+        s_tr = embed(model, inputs["translation"], self.normalize)  # (B, H)
+        t_en = inputs["teacher_en"].to(s_en.dtype)  # (B, H)
+        terms = loss_terms(s_en, s_tr, t_en, self.loss_cfg)
+        weights = self.loss_cfg.weights()
+        loss = sum(weights[k] * v for k, v in terms.items())
+        if model.training:
+            for k, v in terms.items():
+                self._term_sums[k] += float(v.detach())
+            self._term_count += 1
+        return (loss, {"embeddings": s_tr}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add the mean of every loss term since the last log to the training logs."""
+        if self._term_count and "loss" in logs:
+            for k, v in self._term_sums.items():
+                logs[f"loss_{k}"] = v / self._term_count
+            self._term_sums.clear()
+            self._term_count = 0
+        super().log(logs, *args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.extra_eval is not None:
+            extra = {f"{metric_key_prefix}_{k}": float(v) for k, v in self.extra_eval(self.model).items()}
+            self.log(extra)
+            metrics.update(extra)
+        return metrics
+
