@@ -1,4 +1,6 @@
-"""Act-controlled dialogue generation on DailyDialog: data (reader, examples, encoding) and metrics."""
+"""Act-controlled dialogue generation on DailyDialog: data (reader, examples, encoding), metrics;
+recipe tasks (``tasks``), training preparation (``train``) and the generation evaluator (``evaluate``)
+are imported from their modules."""
 
 from __future__ import annotations
 

@@ -1,0 +1,224 @@
+"""Act-controlled generation judged by an act classifier: control accuracy, BLEU, distinct-n.
+
+For each test context and a requested act (the reference response's act, or each of the four),
+the causal LM generates a response (greedy or sampling); the act classifier (a deltakd
+classification run on DailyDialog utterances) labels it; control accuracy is the share whose
+label equals the requested act. An empty response has no act (it never counts as controlled).
+The classifier's accuracy on the reference responses of the same contexts is the ceiling.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..errors import DeltakdError
+from ..models.delta import META_FILE, count_parameters, load_trained, read_meta
+from ..runs import RunDir, load_run_recipe
+from ..utils import atomic_write_json, atomic_write_text
+from .data import (ACTS, ResponseExample, encode_generation_prompts, model_max_positions,
+                   response_from_generation)
+from .metrics import control_accuracy, dialogue_metrics
+
+NO_ACT = "none"  # the label of an empty response
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How responses are decoded; ``max_new_tokens`` None means the recipe's ``max_response_tokens + 1``."""
+
+    greedy: bool = True
+    max_new_tokens: int | None = None
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float | None = 1.0
+    seed: int = 0
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise DeltakdError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise DeltakdError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.greedy and self.temperature <= 0:
+            raise DeltakdError(f"temperature must be > 0, got {self.temperature}")
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _model_dir(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    for cand in (path, path / "model"):
+        if (cand / META_FILE).is_file():
+            return cand
+    finished = sorted(p.parent for p in path.glob("*/results.json") if (p.parent / "model" / META_FILE).is_file())
+    if finished:
+        return finished[-1] / "model"
+    raise DeltakdError(f"{what}: '{path}' holds no finished deltakd run (no model/{META_FILE})")
+
+
+class ActClassifier:
+    """A saved deltakd act classifier (labels: the four DailyDialog acts)."""
+
+    def __init__(self, path: str | Path, max_length: int = 128) -> None:
+        model_dir = _model_dir(path, "--classifier")
+        meta = read_meta(model_dir)
+        labels = tuple(meta.get("labels") or ())
+        if meta["problem_type"] != "single_label_classification" or set(labels) != set(ACTS):
+            raise DeltakdError(f"--classifier: '{path}' is not an act classifier (labels {list(labels)}, "
+                               f"need {list(ACTS)})")
+        self.model, self.tokenizer = load_trained(model_dir)
+        self.model.to(_device())
+        self.labels, self.max_length, self.path = labels, max_length, model_dir
+
+    @torch.no_grad()
+    def predict(self, texts: Sequence[str], batch_size: int = 64) -> list[str]:
+        """The act of each text; ``"none"`` for an empty one."""
+        out = [NO_ACT] * len(texts)
+        todo = [i for i, t in enumerate(texts) if t.strip()]
+        for start in range(0, len(todo), batch_size):
+            idx = todo[start:start + batch_size]
+            enc = self.tokenizer([texts[i] for i in idx], truncation=True, max_length=self.max_length,
+                                 padding=True, return_tensors="pt").to(_device())
+            pred = self.model(**enc).logits.argmax(-1).tolist()  # (B,)
+            for i, p in zip(idx, pred):
+                out[i] = self.labels[p]
+        return out
+
+
+@torch.no_grad()
+def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
+                       settings: GenerationSettings, max_new_tokens: int) -> list[str]:
+    """One response per prompt, decoded up to the first eos.
+
+    Prompts are batched by equal length, so no padding enters the model: left padding shifts
+    position ids for prompt tuning (peft ignores position ids), and equal-length batches make the
+    output of every method independent of the batch it was in.
+    """
+    from transformers import set_seed
+
+    set_seed(settings.seed)
+    device = _device()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+    if settings.greedy:
+        kw.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+    else:
+        kw.update(do_sample=True, temperature=settings.temperature, top_k=settings.top_k or None,
+                  top_p=settings.top_p)
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    out: list[str] = [""] * len(prompts)
+    for length in sorted(by_length):
+        idx = by_length[length]
+        for start in range(0, len(idx), settings.batch_size):
+            chunk = idx[start:start + settings.batch_size]
+            ids = torch.tensor([list(prompts[i]) for i in chunk], dtype=torch.long, device=device)  # (B, L)
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)  # (B, L + T)
+            for i, row in zip(chunk, gen[:, length:].tolist()):
+                out[i] = response_from_generation(row, tokenizer)
+    return out
+
+
+def pick_contexts(examples: Sequence[ResponseExample], max_contexts: int | None, seed: int = 0
+                  ) -> list[ResponseExample]:
+    """A seeded sample of ``max_contexts`` examples in their original order (all when None)."""
+    if max_contexts is None or max_contexts >= len(examples):
+        return list(examples)
+    if max_contexts < 1:
+        raise DeltakdError(f"max_contexts must be >= 1, got {max_contexts}")
+    keep = sorted(random.Random(seed).sample(range(len(examples)), max_contexts))
+    return [examples[i] for i in keep]
+
+
+def evaluate_dialogue(run_dir: str | Path, classifier: str | Path | ActClassifier, split: str = "test",
+                      max_contexts: int | None = None, acts: Literal["reference", "all"] = "reference",
+                      settings: GenerationSettings = GenerationSettings(), samples: int = 20) -> dict[str, Any]:
+    """Generate, classify and score a run's causal LM on a DailyDialog split; write the results.
+
+    ``run_dir`` is a dialogue run, or an ``lm`` run with a ``task.dialogue`` section (the untuned
+    pre-trained model), or a run-name folder (its newest finished run). Writes
+    ``dialogue_eval_<split>.json`` (metrics, settings, the first ``samples`` generations) and
+    ``dialogue_generations_<split>.jsonl`` (every generation) into the run, atomically.
+    """
+    from .tasks import dialogue_format, response_split
+    from .train import virtual_tokens
+
+    if acts not in ("reference", "all"):
+        raise DeltakdError(f"acts '{acts}' is unknown; valid: reference, all")
+    model_dir = _model_dir(run_dir, "run")
+    meta = read_meta(model_dir)
+    if meta["problem_type"] != "causal_lm":
+        raise DeltakdError(f"'{run_dir}' is not a causal-LM run; dialogue-eval needs one")
+    run = RunDir(model_dir.parent)
+    recipe = load_run_recipe(run)
+    if recipe.task.dialogue is None:
+        raise DeltakdError(f"'{run.path}': its recipe has no task.dialogue section (not a DailyDialog run)")
+    cls = classifier if isinstance(classifier, ActClassifier) else ActClassifier(classifier)
+    started = time.time()
+    model, tokenizer = load_trained(model_dir)
+    model.to(_device())
+    positions = model_max_positions(model.config)
+    virtual = virtual_tokens(recipe) if recipe.task.kind == "dialogue" else 0
+    fmt = dialogue_format(recipe.task, virtual, positions)
+    new_tokens = settings.max_new_tokens or fmt.max_response_tokens + 1
+    if new_tokens + 2 > fmt.max_length:
+        raise DeltakdError(f"max_new_tokens {new_tokens} leaves no room for a prompt in max_length {fmt.max_length}")
+    contexts = pick_contexts(response_split(recipe.task, split), max_contexts, settings.seed)
+    if not contexts:
+        raise DeltakdError(f"split '{split}' has no response turns")
+    asked = [(ex, ex.act) for ex in contexts] if acts == "reference" else \
+        [(ex, act) for ex in contexts for act in ACTS]
+    queries = [replace(ex, act=act) for ex, act in asked]
+    prompts = encode_generation_prompts(queries, tokenizer, replace(fmt, max_response_tokens=new_tokens - 1))
+    model.eval()
+    responses = generate_responses(model, tokenizer, prompts, settings, new_tokens)
+    gen_seconds = time.time() - started
+    predicted = cls.predict(responses)
+    asked_acts = [a for _, a in asked]
+    is_ref = [a == ex.act for ex, a in asked]
+    ref_resp = [r for r, keep in zip(responses, is_ref) if keep]
+    metrics = dialogue_metrics(responses, [ex.response for ex, _ in asked], asked_acts, predicted)
+    metrics["bleu"] = dialogue_metrics(ref_resp, [ex.response for ex in contexts],
+                                       [ex.act for ex in contexts],
+                                       [p for p, keep in zip(predicted, is_ref) if keep])["bleu"]
+    metrics["control_accuracy_by_act"] = {
+        act: control_accuracy([a for a in asked_acts if a == act], [p for a, p in zip(asked_acts, predicted) if a == act])
+        for act in ACTS if act in asked_acts}
+    ref_pred = cls.predict([ex.response for ex in contexts])
+    metrics["classifier_accuracy_on_references"] = control_accuracy([ex.act for ex in contexts], ref_pred)
+    total, _ = count_parameters(model)
+    result = {
+        "run_dir": str(run.path),
+        "name": recipe.name,
+        "method": meta.get("method"),
+        "classifier": str(cls.path),
+        "split": split,
+        "acts": acts,
+        "contexts": len(contexts),
+        "generations": len(responses),
+        "settings": {**asdict(settings), "max_new_tokens": new_tokens},
+        "format": {"act_position": fmt.act_position, "max_length": fmt.max_length,
+                   "context_turns": recipe.task.dialogue.context_turns},
+        "metrics": metrics,
+        "params_total": total,
+        "generation_seconds": gen_seconds,
+        "samples": [{"act": a, "context": list(ex.context), "reference": ex.response, "response": r, "predicted": p}
+                    for (ex, a), r, p in list(zip(asked, responses, predicted))[:samples]],
+    }
+    import json
+
+    lines = [json.dumps({"dialogue": ex.dialogue, "turn": ex.turn, "act": a, "response": r, "predicted": p,
+                         "reference": ex.response}, ensure_ascii=False) for (ex, a), r, p in zip(asked, responses, predicted)]
+    atomic_write_text(run.path / f"dialogue_generations_{split}.jsonl", "\n".join(lines) + "\n")
+    atomic_write_json(run.path / f"dialogue_eval_{split}.json", result)
+    return result

@@ -1,0 +1,148 @@
+"""``task.kind: dialogue``: DailyDialog response examples on a causal LM, for the engine's Trainer.
+
+The causal LM is one of
+- a deltakd run or its ``model/`` folder (e.g. the LM pre-trained from scratch on DailyDialog by
+  ``recipes/dialogue/pretrain.yaml``; a run-name folder means its newest finished run),
+- any local transformers folder or hub id (``microsoft/DialoGPT-small``), through the same code,
+- ``model.config``: a fresh model trained from scratch (full fine-tuning only).
+The delta module (full, LoRA, prefix, prompt, p-tuning, IA3) comes from :func:`attach_delta`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import datasets as hf_datasets
+
+from ..data import TaskData, TaskSpec
+from ..data.splits import subset
+from ..errors import DeltakdError
+from ..models.delta import META_FILE, Head, attach_delta, read_meta
+from ..models.hub import load_pretrained, resolve_model_path
+from ..recipe import Recipe
+from ..recipe.schema import FullFT, PrefixPeft, PromptPeft, PTuningPeft
+from .data import DialogueCollator, DialogueFormat, ResponseExample, encode_response_examples, model_max_positions
+from .tasks import RECIPE_SPLITS, dialogue_format, lm_texts, response_split
+
+
+def _model_folder(name: str) -> Path | None:
+    """A local folder holding a loadable causal LM for ``name``, or None for a hub id."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        try:
+            resolve_model_path(name)  # a path-looking name that does not exist fails here
+        except DeltakdError as e:
+            raise DeltakdError(f"{e} (a dialogue base: a finished kind: lm run such as "
+                               "recipes/dialogue/pretrain.yaml, a model folder or a hub id)") from None
+        return None
+    if (path / META_FILE).is_file():
+        model_dir = path
+    elif (path / "model" / META_FILE).is_file():
+        model_dir = path / "model"
+    else:
+        finished = sorted(p.parent for p in path.glob("*/results.json") if (p.parent / "model" / META_FILE).is_file())
+        model_dir = finished[-1] / "model" if finished else path
+    if (model_dir / META_FILE).is_file():
+        meta = read_meta(model_dir)
+        if meta["problem_type"] != "causal_lm" or meta["format"] != "transformers":
+            raise DeltakdError(f"model.name: '{name}' is a deltakd {meta['problem_type']} model in format "
+                               f"{meta['format']}; a dialogue base must be a plain causal LM")
+    elif not (model_dir / "config.json").is_file():
+        raise DeltakdError(f"model.name: '{name}' holds no causal LM (no config.json, no finished deltakd run)")
+    return model_dir.resolve()
+
+
+def load_causal_lm(recipe: Recipe, check: Callable[[Any], None] | None = None) -> tuple[Any, Any, str | None]:
+    """(model, tokenizer, base path or hub id) of a dialogue recipe; the tokenizer has a pad token.
+
+    ``check(config)`` runs on the model's config before any weights load (position limits).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ..data.lm import get_or_train_tokenizer
+
+    mc = recipe.model
+    if mc.config is not None:
+        if not isinstance(recipe.peft, FullFT):
+            raise DeltakdError(f"peft: {recipe.peft.method} needs a pretrained causal LM (model.name), "
+                               "not a fresh model.config; train one with kind: lm first")
+        tokenizer = get_or_train_tokenizer(mc.tokenizer, lm_texts(recipe.task)["train"], mc.vocab_size)
+        conf = dict(mc.config)
+        conf.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        try:
+            config = AutoConfig.for_model(**conf)
+        except (ValueError, TypeError) as e:
+            raise DeltakdError(f"model.config: {str(e).splitlines()[0]}") from None
+        if check is not None:
+            check(config)
+        return AutoModelForCausalLM.from_config(config), tokenizer, None
+    folder = _model_folder(mc.name)
+    where = str(folder) if folder is not None else mc.name
+    kw = dict(revision=mc.revision, trust_remote_code=mc.trust_remote_code) if folder is None else {}
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, mc.tokenizer or where, "tokenizer", **kw)
+    if check is not None:
+        check(load_pretrained(AutoConfig.from_pretrained, where, "model", **kw))
+    model = load_pretrained(AutoModelForCausalLM.from_pretrained, where, "model", **kw)
+    if tokenizer.eos_token_id is None:
+        raise DeltakdError(f"tokenizer of '{mc.name}' has no eos token; dialogue examples need one")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 / DialoGPT have none
+    return model, tokenizer, where
+
+
+def virtual_tokens(recipe: Recipe) -> int:
+    """Positions the delta module takes before the sequence (prefix / prompt / p-tuning)."""
+    p = recipe.peft
+    return p.num_virtual_tokens if isinstance(p, (PrefixPeft, PromptPeft, PTuningPeft)) else 0
+
+
+def encode_split(examples: list[ResponseExample], tokenizer: Any, fmt: DialogueFormat) -> hf_datasets.Dataset:
+    rows = encode_response_examples(examples, tokenizer, fmt)
+    ids = hf_datasets.Sequence(hf_datasets.Value("int64"))
+    features = hf_datasets.Features({"input_ids": ids, "attention_mask": ids, "labels": ids})
+    return hf_datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in ("input_ids", "attention_mask", "labels")},
+                                         features=features)
+
+
+def _splits(recipe: Recipe) -> dict[str, list[ResponseExample]]:
+    cfg = recipe.task
+    seed = recipe.train.seed if cfg.split_seed is None else cfg.split_seed
+    out = {}
+    for split in RECIPE_SPLITS:
+        exs = response_split(cfg, split)
+        limit = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
+        out[split] = subset(exs, limit, seed) if limit else exs
+        if not out[split]:
+            raise DeltakdError(f"task: the DailyDialog {split} split has no response turns")
+    return out
+
+
+def _spec(recipe: Recipe) -> TaskSpec:
+    return TaskSpec(recipe.task.name, "lm", None, ("perplexity",), (), "", {})
+
+
+def prepare_dialogue(recipe: Recipe):
+    """Examples, model with its delta module, collator: a :class:`deltakd.engine.Prepared`."""
+    from ..engine import Prepared
+
+    if recipe.teacher is not None:
+        raise DeltakdError("teacher: distillation is not part of the dialogue task; leave teacher out")
+    splits = _splits(recipe)  # bad data fails before any model loads
+    model, tokenizer, base = load_causal_lm(recipe, lambda config: dialogue_format(
+        recipe.task, virtual_tokens(recipe), model_max_positions(config)))
+    fmt = dialogue_format(recipe.task, virtual_tokens(recipe), model_max_positions(model.config))
+    data = {split: encode_split(exs, tokenizer, fmt) for split, exs in splits.items()}
+    model = attach_delta(model, recipe.peft, tokenizer.name_or_path, causal_lm=True)
+    task = TaskData(_spec(recipe), None, {k: list(v) for k, v in splits.items()})
+    return Prepared(recipe, task, tokenizer, data, model, Head(0, None, causal_lm=True),
+                    collator=DialogueCollator(tokenizer.pad_token_id), base_path=base)
+
+
+def dialogue_eval_data(recipe: Recipe, tokenizer: Any) -> tuple[TaskData, dict[str, Any]]:
+    """The task and its encoded splits, for ``deltakd eval`` of a saved dialogue model."""
+    splits = _splits(recipe)
+    fmt = dialogue_format(recipe.task)
+    task = TaskData(_spec(recipe), None, {k: list(v) for k, v in splits.items()})
+    return task, {k: encode_split(v, tokenizer, fmt) for k, v in splits.items()}

@@ -1,0 +1,274 @@
+"""The dialogue family end to end on tiny models: pre-train a GPT-2 on DailyDialog turns, tune it
+with prefix / prompt / LoRA / full, train an act classifier (tiny BERT), generate and score."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deltakd import api, engine
+from deltakd.dialogue.data import IGNORE_INDEX, DialogueCollator
+from deltakd.dialogue.evaluate import ActClassifier, GenerationSettings, generate_responses
+from deltakd.errors import DeltakdError
+from deltakd.models.delta import load_trained
+from deltakd.recipe import load_recipe
+
+from ..conftest import write_recipe
+from .conftest import SAMPLE
+
+GPT = "{model_type: gpt2, n_layer: 2, n_embd: 32, n_head: 2, n_positions: 64, resid_pdrop: 0.0, embd_pdrop: 0.0, attn_pdrop: 0.0}"
+
+
+def _common(tmp: Path) -> str:
+    return f"""
+track: []
+output_dir: {tmp / 'runs'}
+"""
+
+
+def _task(kind: str, extra: str = "") -> str:
+    return f"""
+task:
+  name: dd
+  kind: {kind}
+  data_dir: {SAMPLE}
+  max_length: 48
+  block_size: 32
+  dialogue: {{context_turns: 2, max_response_tokens: 16, max_dialogues: 60, max_eval_dialogues: 10{extra}}}
+"""
+
+
+def _tuned(tmp: Path, name: str, peft: str, epochs: int = 3, lr: float = 1e-2) -> Path:
+    return write_recipe(tmp / f"{name}.yaml", f"""
+name: {name}
+{_task('dialogue')}
+model: {{name: {tmp / 'runs' / 'pre'}}}
+peft: {peft}
+train: {{epochs: {epochs}, lr: {lr}, batch_size: 16, eval_batch_size: 32, seed: 1, logging_steps: 5}}
+{_common(tmp)}""")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_bert):
+    """Pre-trained LM, two tuned methods, act classifier: trained once for this module."""
+    tmp = tmp_path_factory.mktemp("dialogue-e2e")
+    pre = api.train(write_recipe(tmp / "pre.yaml", f"""
+name: pre
+{_task('lm')}
+model: {{config: {GPT}, vocab_size: 400}}
+train: {{epochs: 4, lr: 1.0e-2, batch_size: 16, eval_batch_size: 32, seed: 1, logging_steps: 5}}
+{_common(tmp)}"""))
+    prefix = api.train(_tuned(tmp, "prefix", "{method: prefix, num_virtual_tokens: 4}", epochs=4, lr=3e-2))
+    lora = api.train(_tuned(tmp, "lora", "{method: lora, r: 4, alpha: 8, dropout: 0.0, target: [c_attn]}",
+                          lr=2e-2))
+    cls = api.train(write_recipe(tmp / "acts.yaml", f"""
+name: acts
+{_task('classification')}
+model: {{name: {tiny_bert}}}
+train: {{epochs: 1, lr: 1.0e-3, batch_size: 32, eval_batch_size: 64, seed: 1, logging_steps: 5}}
+{_common(tmp)}"""))
+    return {"tmp": tmp, "pre": pre, "prefix": prefix, "lora": lora, "acts": cls}
+
+
+def test_loss_covers_only_response_tokens(runs):
+    tmp = runs["tmp"]
+    recipe = load_recipe(_tuned(tmp, "check", "{method: full}"))
+    prep = engine.prepare(recipe)
+    tok = prep.tokenizer
+    eos = tok.eos_token_id
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    fitting = truncated = 0
+    for ex, row in zip(prep.task.splits["train"], prep.datasets["train"]):
+        ids, labels = row["input_ids"], row["labels"]
+        # act <eos> context turns <eos> ... response <eos>: hand-built from the example's strings
+        act = enc(ex.act) + [eos]
+        context = [t for turn in ex.context for t in enc(turn) + [eos]]
+        response = enc(ex.response)[:16] + [eos]
+        if len(act) + len(context) + len(response) <= 48:
+            fitting += 1
+            assert ids == act + context + response
+        else:  # the context is cut from the left; act and response stay whole
+            truncated += 1
+            kept = ids[len(act):len(ids) - len(response)]
+            assert ids[:len(act)] == act and len(ids) <= 48 and len(kept) < len(context)
+            assert kept == context[len(context) - len(kept):]
+        assert labels == [IGNORE_INDEX] * (len(ids) - len(response)) + response
+    assert fitting > 50 and truncated > 50
+    assert len(ex.context) <= 2 and all(len(r["input_ids"]) <= 48 for r in prep.datasets["train"])
+    # the collator pads labels with -100 and the attention mask with 0
+    batch = prep.collator([prep.datasets["train"][i] for i in range(4)])
+    longest = max(len(prep.datasets["train"][i]["input_ids"]) for i in range(4))
+    assert batch["labels"].shape == (4, longest)
+    for i in range(4):
+        n = len(prep.datasets["train"][i]["input_ids"])
+        assert batch["labels"][i, n:].eq(IGNORE_INDEX).all() and batch["attention_mask"][i, n:].eq(0).all()
+    # the pre-training text uses the same eos layout: turn <eos> turn <eos>
+    from deltakd.dialogue.tasks import lm_texts
+
+    texts = lm_texts(recipe.task)
+    first = [t for d in [texts["train"][:3]] for t in d]
+    stream = [t for s in first for t in enc(s) + [eos]]
+    pre = engine.prepare(load_recipe(tmp / "pre.yaml"))
+    assert pre.datasets["train"][0]["input_ids"] == stream[:32]
+
+
+def test_tuned_methods_train_save_reload_and_beat_the_untuned_model(runs):
+    pre, prefix, lora = runs["pre"], runs["prefix"], runs["lora"]
+    assert pre["metrics"]["test"]["perplexity"] < 400 / 2
+    for r in (prefix, lora):
+        assert 0 < r["params"]["trainable"] < r["params"]["total"] / 10
+        assert r["metrics"]["test"]["perplexity"] == pytest.approx(math.exp(r["metrics"]["test"]["loss"]))
+        meta = json.loads((Path(r["run_dir"]) / "model" / "deltakd_model.json").read_text())
+        assert meta["format"] == "peft" and meta["base_model"] == str(Path(pre["run_dir"], "model").resolve())
+        # deltakd eval reloads the adapter on its base: the same response loss as at the end of training
+        again = api.evaluate(r["run_dir"], "test")
+        assert again["loss"] == pytest.approx(r["metrics"]["test"]["loss"], rel=1e-4)
+    # the untuned pre-trained model on the same response tokens
+    model, tok = load_trained(Path(pre["run_dir"]) / "model")
+    recipe = load_recipe(runs["tmp"] / "lora.yaml")
+    task, data = engine.eval_data(recipe, tok)
+    untuned = engine.evaluate_model(model, tok, data["test"], task, 32, runs["tmp"] / "scratch",
+                                    collator=DialogueCollator(tok.pad_token_id))
+    assert prefix["metrics"]["test"]["loss"] < untuned["loss"]
+    assert lora["metrics"]["test"]["loss"] < untuned["loss"]
+
+
+def test_dialogue_eval_metrics_match_hand_computation(runs):
+    cls_run = runs["acts"]["run_dir"]
+    assert set(runs["acts"]["metrics"]["test"]) >= {"accuracy", "f1", "loss"}
+    res = api.dialogue_eval(runs["lora"]["run_dir"], cls_run, max_contexts=12, batch_size=4)
+    rows = [json.loads(x) for x in (Path(runs["lora"]["run_dir"]) / "dialogue_generations_test.jsonl")
+            .read_text().splitlines()]
+    assert len(rows) == res["generations"] == res["contexts"] == 12
+    m = res["metrics"]
+    assert m["control_accuracy"] == pytest.approx(sum(r["act"] == r["predicted"] for r in rows) / 12)
+    assert m["empty_rate"] == pytest.approx(sum(not r["response"] for r in rows) / 12)
+    assert all((r["predicted"] == "none") == (not r["response"]) for r in rows)
+    cls = ActClassifier(cls_run)
+    refs = cls.predict([r["reference"] for r in rows])
+    assert m["classifier_accuracy_on_references"] == pytest.approx(
+        sum(p == r["act"] for p, r in zip(refs, rows)) / 12)
+    saved = json.loads((Path(runs["lora"]["run_dir"]) / "dialogue_eval_test.json").read_text())
+    assert saved["metrics"]["bleu"] == pytest.approx(m["bleu"]) and 0 <= m["bleu"] <= 100
+    # every act asked of every context: 4 generations per context
+    all_acts = api.dialogue_eval(runs["prefix"]["run_dir"], cls_run, max_contexts=3, acts="all")
+    assert all_acts["generations"] == 12 and set(all_acts["metrics"]["control_accuracy_by_act"]) == {
+        "inform", "question", "directive", "commissive"}
+    # the untuned model (an lm run with the dialogue section) goes through the same evaluator
+    base = api.dialogue_eval(runs["pre"]["run_dir"], cls_run, max_contexts=4, greedy=False, seed=3)
+    assert base["generations"] == 4 and base["settings"]["greedy"] is False
+
+
+def test_generation_does_not_depend_on_batching(runs):
+    from deltakd.dialogue.data import encode_generation_prompts
+    from deltakd.dialogue.tasks import dialogue_format, response_split
+
+    model, tok = load_trained(Path(runs["prefix"]["run_dir"]) / "model")
+    recipe = load_recipe(runs["tmp"] / "prefix.yaml")
+    fmt = dialogue_format(recipe.task)
+    prompts = encode_generation_prompts(response_split(recipe.task, "test")[:10], tok, fmt)
+    one = generate_responses(model, tok, prompts, GenerationSettings(batch_size=1), 8)
+    many = generate_responses(model, tok, prompts, GenerationSettings(batch_size=10), 8)
+    assert one == many
+
+
+def test_prompt_tuning_with_text_init_and_full_finetuning(runs):
+    tmp = runs["tmp"]
+    prompt = api.train(_tuned(tmp, "prompt", "{method: prompt, num_virtual_tokens: 4, init_text: 'reply with the act'}",
+                              epochs=1))
+    model, tok = load_trained(Path(prompt["run_dir"]) / "model")
+    assert type(model).__name__ == "PeftModelForCausalLM" and prompt["params"]["trainable"] == 4 * 32
+    full = api.train(_tuned(tmp, "full", "{method: full}", epochs=1, lr=1e-3))
+    assert full["params"]["trainable"] == full["params"]["total"]
+    model, _ = load_trained(Path(full["run_dir"]) / "model")
+    assert type(model).__name__ == "GPT2LMHeadModel"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("task.data_dir=/no/such/dd", "task.data_dir: folder '/no/such/dd' does not exist"),
+    ("task.max_length=62", "task.max_length: 62 + 4 virtual tokens exceeds the model's 64 positions"),
+    ("task.dialogue.act_position=middle", "task.dialogue.act_position: 'middle' is not allowed"),
+    ("model.name=microsoft/DialoGPT-small", "not found locally and the hub is offline"),
+    ("model.name=./no/model", "model './no/model': path does not exist"),
+])
+def test_bad_input_exits_2_with_one_line(runs, override, expected, capsys, monkeypatch):
+    from deltakd import cli as cli_module
+
+    recipe = runs["tmp"] / "prefix.yaml"
+    monkeypatch.setattr(sys, "argv", ["deltakd", "train", str(recipe), override])
+    with pytest.raises(SystemExit) as e:
+        cli_module.main()
+    assert e.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and expected in lines[0], lines
+
+
+def test_peft_needs_a_pretrained_base(tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", f"""
+name: scratch-lora
+{_task('dialogue')}
+model: {{config: {GPT}, vocab_size: 400}}
+peft: {{method: lora, target: [c_attn]}}
+track: []
+"""))
+    with pytest.raises(DeltakdError, match="lora needs a pretrained causal LM"):
+        engine.prepare(recipe)
+
+
+def test_dialogue_eval_rejects_a_classifier_that_is_not_an_act_classifier(runs):
+    with pytest.raises(DeltakdError, match="--classifier: .* holds no finished deltakd run"):
+        api.dialogue_eval(runs["lora"]["run_dir"], runs["tmp"] / "nothing")
+    with pytest.raises(DeltakdError, match="is not an act classifier"):
+        api.dialogue_eval(runs["lora"]["run_dir"], runs["lora"]["run_dir"])
+
+
+def test_cli_dialogue_eval_writes_results_and_rejects_bad_options(runs, capsys, monkeypatch):
+    from deltakd import cli as cli_module
+
+    run, cls = runs["prefix"]["run_dir"], runs["acts"]["run_dir"]
+    monkeypatch.setattr(sys, "argv", ["deltakd", "dialogue-eval", run, "--classifier", cls, "--max-contexts", "5",
+                                      "--sample", "--seed", "2", "--max-new-tokens", "6", "--split", "valid"])
+    with pytest.raises(SystemExit) as ok:
+        cli_module.main()
+    assert ok.value.code == 0
+    saved = json.loads((Path(run) / "dialogue_eval_valid.json").read_text())
+    assert saved["contexts"] == 5 and saved["settings"]["max_new_tokens"] == 6 and saved["settings"]["greedy"] is False
+    out = capsys.readouterr().out
+    assert "control acc" in out and "wrote" in out
+    for bad, expected in ((["--acts", "some"], "acts 'some' is unknown; valid: reference, all"),
+                          (["--split", "dev2"], "split 'dev2' is unknown")):
+        monkeypatch.setattr(sys, "argv", ["deltakd", "dialogue-eval", run, "--classifier", cls, *bad])
+        with pytest.raises(SystemExit) as e:
+            cli_module.main()
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert e.value.code == 2 and lines[-1].startswith("error: ") and expected in lines[-1], lines
+
+
+def test_a_plain_model_folder_loads_like_a_hub_id(runs, tmp_path):
+    """A transformers folder (what a hub id such as microsoft/DialoGPT-small downloads to): the
+    tokenizer has no pad token, the adapter's base is the folder, and it reloads from there."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(Path(runs["pre"]["run_dir"]) / "model")
+    tok.pad_token = None
+    folder = tmp_path / "hub-like"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=len(tok),
+                               eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    recipe = _tuned(runs["tmp"], "hublike", "{method: lora, r: 2, target: [c_attn]}", epochs=1)
+    r = api.train(recipe, [f"model.name={folder}"])
+    meta = json.loads((Path(r["run_dir"]) / "model" / "deltakd_model.json").read_text())
+    assert meta["base_model"] == str(folder.resolve())
+    again = api.evaluate(r["run_dir"], "valid")
+    assert again["loss"] == pytest.approx(r["metrics"]["valid"]["loss"], rel=1e-4)
+
+
+def test_eval_of_the_pretrained_dialogue_lm_reads_the_same_text(runs):
+    again = api.evaluate(runs["pre"]["run_dir"], "test")
+    assert again["loss"] == pytest.approx(runs["pre"]["metrics"]["test"]["loss"], rel=1e-4)
