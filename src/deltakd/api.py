@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 
@@ -44,10 +44,19 @@ def _same_recipe(saved: Recipe, new: Recipe) -> list[str]:
     return diff(a, b, "")
 
 
-def train(recipe: str | Path | Recipe, overrides: Iterable[str] = (), resume: bool = False) -> dict[str, Any]:
-    """Run a recipe and return its results (also in ``results.json`` of the run directory)."""
+def train(recipe: str | Path | Recipe, overrides: Iterable[str] = (), resume: bool = False,
+          init: Callable[[Any], None] | None = None) -> dict[str, Any]:
+    """Run a recipe and return its results (also in ``results.json`` of the run directory).
+
+    ``init(prepared)`` runs after the model is built and before anything is written, e.g. to load a
+    fused delta module as the starting point (:mod:`deltakd.transfer`); it is skipped on resume
+    (the checkpoint holds the weights)."""
     from . import engine
 
+    if not isinstance(recipe, Recipe) and _is_multistage(recipe):
+        from .multistage.run import train_recipe
+
+        return train_recipe(recipe, overrides, resume=resume).results
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     check_trackers(recipe.track)
@@ -61,6 +70,8 @@ def train(recipe: str | Path | Recipe, overrides: Iterable[str] = (), resume: bo
         if changed:
             raise DeltakdError(f"--resume: the recipe differs from the one in '{run.path}' at {', '.join(changed)}")
     prep = engine.prepare(recipe)  # bad data or model fails here, before anything is written
+    if init is not None and not resume:
+        init(prep)
     if run is None:
         path = str(new_run_dir(recipe.output_dir, recipe.name).path) if state.is_main_process else ""
         run = RunDir(Path(_share(path, state)))
@@ -74,6 +85,10 @@ def evaluate(run_dir: str | Path, split: str = "test", batch_size: int | None = 
     from . import engine
     from .models.delta import load_trained
 
+    if _is_multistage(Path(run_dir) / "recipe.yaml"):  # sentence embeddings: every eval set of its recipe
+        from .multistage.run import evaluate_run, flat_metrics
+
+        return flat_metrics(evaluate_run(run_dir))
     run = RunDir(Path(run_dir))
     recipe = load_run_recipe(run)
     if not run.model_dir.is_dir():
@@ -84,7 +99,8 @@ def evaluate(run_dir: str | Path, split: str = "test", batch_size: int | None = 
         raise DeltakdError(f"--split: '{split}' not in this task; available: {', '.join(datasets)}")
     with tempfile.TemporaryDirectory() as scratch:
         metrics = engine.evaluate_model(model, tokenizer, datasets[split], task,
-                                        batch_size or recipe.train.eval_batch_size, Path(scratch))
+                                        batch_size or recipe.train.eval_batch_size, Path(scratch),
+                                        collator=engine.eval_collator(recipe, tokenizer))
     atomic_write_json(run.path / f"eval_{split}.json", {"split": split, "metrics": metrics})
     return metrics
 
@@ -119,6 +135,35 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 50, greedy:
     return [tokenizer.decode(seq[start:], skip_special_tokens=True) for seq in out]
 
 
+def dialogue_eval(run_dir: str | Path, classifier: str | Path, split: str = "test", max_contexts: int | None = None,
+                  acts: str = "reference", greedy: bool = True, max_new_tokens: int | None = None,
+                  temperature: float = 1.0, top_k: int | None = 50, top_p: float | None = 1.0, seed: int = 0,
+                  batch_size: int = 32) -> dict[str, Any]:
+    """Act-controlled generation of a DailyDialog run judged by an act-classifier run.
+
+    Control accuracy, BLEU, distinct-1/2, empty share and the classifier's accuracy on the
+    references; written to ``<run>/dialogue_eval_<split>.json``. See :mod:`deltakd.dialogue.evaluate`.
+    """
+    from .dialogue.evaluate import GenerationSettings, evaluate_dialogue
+
+    settings = GenerationSettings(greedy, max_new_tokens, temperature, top_k, top_p, seed, batch_size)
+    return evaluate_dialogue(run_dir, classifier, split, max_contexts, acts, settings)  # type: ignore[arg-type]
+
+
+def _is_multistage(path: str | Path) -> bool:
+    from .multistage.recipe import is_multistage_file
+
+    return Path(path).is_file() and is_multistage_file(path)
+
+
+def pipeline(recipes: Iterable[str | Path], overrides: Iterable[str] = (), init_from: str | None = None,
+             test: bool = True, log_dir: str | Path | None = None, force: bool = False) -> list[Any]:
+    """Run multistage stage recipes in order, skipping finished stages (see :mod:`deltakd.multistage.run`)."""
+    from .multistage.run import run_pipeline
+
+    return run_pipeline(recipes, overrides, init_from=init_from, test=test, output_dir=log_dir, force=force)
+
+
 def list_recipes(root: str | Path = "recipes") -> list[tuple[str, str]]:
     """(path, one-line description) of every recipe under ``root`` (partials named ``_*.yaml`` left out)."""
     out = []
@@ -145,6 +190,16 @@ def sweep(recipe: str | Path | Recipe, overrides: Iterable[str] = (), backend: s
 
     return run_sweep(recipe, overrides, backend=backend, ray_address=ray_address, cpus_per_trial=cpus_per_trial,
                      gpus_per_trial=gpus_per_trial, progress=progress)
+
+
+def transfer(recipe: str | Path, overrides: Iterable[str] = (), progress: bool = True):
+    """Run a transfer recipe (source library, estimators, fusion, k-shot targets; resumable).
+
+    Returns a :class:`deltakd.transfer.run.TransferResult`; see :mod:`deltakd.transfer.run` for the files.
+    """
+    from .transfer.run import run_transfer
+
+    return run_transfer(recipe, overrides, progress=progress)
 
 
 def report(paths: Iterable[str | Path], out_dir: str | Path = "report") -> dict[str, Path]:

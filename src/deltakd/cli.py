@@ -45,6 +45,34 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
         print_results(results, console)
 
 
+@app.command()
+def pipeline(recipes: List[Path] = typer.Argument(..., help="Multistage stage recipes, in order."),
+             sets: Optional[List[str]] = typer.Option(None, "--set", help="Dotted override for every stage, "
+                                                      "e.g. --set train.epochs=2 (repeatable)."),
+             init_from: Optional[str] = typer.Option(None, "--init-from", help="Checkpoint to start from: a run or "
+                                                     "model folder (or stage name) the first stage starts from."),
+             test: bool = typer.Option(True, "--test/--no-test", help="Evaluate each stage after training."),
+             log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Where runs go (every recipe's "
+                                                    "output_dir); init_from stage names resolve there too."),
+             force: bool = typer.Option(False, "--force", help="Train every stage again, finished or not.")):
+    """Run multistage stages in order (init_from chains them); finished stages are skipped on a rerun."""
+    from . import api
+
+    outcomes = api.pipeline(recipes, sets or [], init_from=init_from, test=test, log_dir=log_dir, force=force)
+    table = Table(title="multistage pipeline")
+    for col in ("stage", "status", "params", "sts spearman x100", "translation acc", "sent/s", "run"):
+        table.add_column(col, justify="left" if col in ("stage", "status", "run") else "right")
+    for o in outcomes:
+        r = o.results
+        test_m, held = r.get("metrics", {}).get("test", {}), r.get("metrics", {}).get("heldout", {})
+        sts = test_m.get("avg/sts_spearman", next((v for k, v in test_m.items() if k.startswith("sts/")), None))
+        acc = held.get("avg/acc", next((v for k, v in held.items() if k.endswith("/acc")), None))
+        table.add_row(o.name, o.status, f"{r.get('params', {}).get('total', 0):,}",
+                      "" if sts is None else f"{100 * sts:.2f}", "" if acc is None else f"{acc:.3f}",
+                      f"{r['speed_sent_per_s']:.1f}" if "speed_sent_per_s" in r else "", str(o.run_dir))
+    console.print(table)
+
+
 @app.command("eval")
 def eval_(run_dir: Path = typer.Argument(..., help="A finished run directory."),
           split: str = typer.Option("test", "--split", help="valid or test (or train)."),
@@ -76,6 +104,36 @@ def generate(run_dir: Path = typer.Argument(..., help="A finished causal-LM run 
     outs = api.generate(run_dir, prompt, max_new_tokens, greedy, temperature, top_k or None, top_p, seed, num)
     for i, text in enumerate(outs):
         console.print(f"[bold]{i + 1}.[/bold] {prompt}[cyan]{text}[/cyan]", highlight=False)
+
+
+@app.command("dialogue-eval")
+def dialogue_eval(run_dir: Path = typer.Argument(..., help="A finished DailyDialog causal-LM run (dialogue or lm)."),
+                  classifier: Path = typer.Option(..., "--classifier", help="A finished act-classifier run."),
+                  split: str = typer.Option("test", "--split", help="valid or test (or train)."),
+                  max_contexts: Optional[int] = typer.Option(None, "--max-contexts", min=1,
+                                                             help="A seeded sample of this many contexts."),
+                  acts: str = typer.Option("reference", "--acts", help="reference: ask for the reference's act; "
+                                           "all: ask for each of the four acts."),
+                  greedy: bool = typer.Option(True, "--greedy/--sample", help="Greedy decoding or sampling."),
+                  max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1),
+                  temperature: float = typer.Option(1.0, "--temperature", min=1e-4),
+                  top_k: int = typer.Option(50, "--top-k", min=0),
+                  top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+                  seed: int = typer.Option(0, "--seed"),
+                  batch_size: int = typer.Option(32, "--batch-size", min=1)):
+    """Generate a response per context for a requested act, classify it, report control accuracy and BLEU."""
+    from . import api
+
+    res = api.dialogue_eval(run_dir, classifier, split, max_contexts, acts, greedy, max_new_tokens, temperature,
+                            top_k or None, top_p, seed, batch_size)
+    m = res["metrics"]
+    table = Table(title=f"{res['name']} [{split}, {res['generations']} generations]")
+    keys = ["control_accuracy", "bleu", "distinct_1", "distinct_2", "empty_rate", "classifier_accuracy_on_references"]
+    for k in ("control acc", "BLEU", "distinct-1", "distinct-2", "empty", "ceiling (refs)"):
+        table.add_column(k, justify="right")
+    table.add_row(*[f"{m[k]:.4f}" for k in keys])
+    console.print(table)
+    console.print(f"wrote {res['run_dir']}/dialogue_eval_{split}.json", markup=False, highlight=False)
 
 
 @app.command()
@@ -131,6 +189,29 @@ def report(paths: List[Path] = typer.Argument(..., help="Run dirs, run-name fold
     console.print(f"wrote {files['markdown']} and {files['html']}", markup=False, highlight=False)
 
 
+@app.command()
+def transfer(recipe: Path = typer.Argument(..., help="Transfer recipe YAML file (top-level transfer: section)."),
+             overrides: Optional[List[str]] = typer.Argument(
+                 None, help="Dotted overrides, e.g. transfer.target.seeds=[1] transfer.estimate.temperature=0.5")):
+    """Train source modules (reused when finished), estimate similarities, fuse, tune k-shot targets; rerun to resume."""
+    from rich.text import Text
+
+    from . import api
+    from .transfer.report import results_rows
+
+    result = api.transfer(recipe, overrides or [])
+    headers, rows, _ = results_rows(result, list(dict.fromkeys(r.target for r in result.runs)))
+    table = Table(title=f"transfer {result.out_dir.name}: target metric x100, mean ± std over seeds")
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*[Text(c.replace("**", "")) for c in row])
+    console.print(table)
+    ran = sum(r.status == "ran" for r in result.runs)
+    console.print(f"{ran} target run(s) trained, {len(result.runs) - ran} reused; results: {result.files['markdown']}, "
+                  f"weights heatmap: {result.files['heatmap']}", markup=False, highlight=False)
+
+
 def main() -> None:
     """Console entry point: user errors print one line and exit 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -141,7 +222,9 @@ def main() -> None:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         hint = ("rerun the same deltakd sweep command: finished trials are skipped, the interrupted one resumes"
-                if "sweep" in sys.argv[1:2] else "resume with: deltakd train RECIPE --resume")
+                if "sweep" in sys.argv[1:2] else
+                "rerun the same deltakd transfer command: finished modules and target runs are reused"
+                if "transfer" in sys.argv[1:2] else "resume with: deltakd train RECIPE --resume")
         err_console.print(f"interrupted; {hint}", markup=False)
         sys.exit(130)
 

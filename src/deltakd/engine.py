@@ -57,6 +57,8 @@ class Prepared:
     head: Head
     teacher: torch.nn.Module | None = None
     distill: Any = None  # distill.setup.DistillSetup when a teacher is given
+    collator: Any = None  # a data collator of the task's own (dialogue: pads labels with -100)
+    base_path: str | None = None  # where a saved adapter's base model reloads from (default: model.name)
 
 
 def prepare(recipe: Recipe) -> Prepared:
@@ -64,6 +66,10 @@ def prepare(recipe: Recipe) -> Prepared:
     set_seed(recipe.train.seed)
     if recipe.task.kind == "lm":
         return _prepare_lm(recipe)
+    if recipe.task.kind == "dialogue":
+        from .dialogue.train import prepare_dialogue
+
+        return prepare_dialogue(recipe)
     task = load_task(recipe.task, recipe.train.seed)
     head = Head(task.num_labels, task.labels)
     teacher = None
@@ -122,9 +128,14 @@ def _prepare_lm(recipe: Recipe) -> Prepared:
     cfg = recipe.task
     base = cfg.data_dir or Path(".")
     files = {"train": cfg.train_file, "valid": cfg.valid_file, "test": cfg.test_file}
-    if not files["train"] or not files["valid"]:
+    if cfg.dialogue is not None:  # DailyDialog turns as documents: turn <eos> turn <eos> ...
+        from .dialogue.tasks import lm_texts
+
+        texts, files = lm_texts(cfg), {}
+    elif not files["train"] or not files["valid"]:
         raise DeltakdError("task: an lm task needs task.train_file and task.valid_file (plain text)")
-    texts = {split: read_texts([base / f]) for split, f in files.items() if f}
+    else:
+        texts = {split: read_texts([base / f]) for split, f in files.items() if f}
     teacher = None
     if recipe.teacher is not None:
         teacher, tokenizer = load_teacher(recipe.teacher, causal_lm=True)
@@ -158,7 +169,7 @@ def _prepare_lm(recipe: Recipe) -> Prepared:
 def training_arguments(recipe: Recipe, run: RunDir, report_to: list[str], main_metric: str) -> TrainingArguments:
     t = recipe.train
     steps = isinstance(t.eval_every, int)
-    metric = t.metric_for_best or ("loss" if recipe.task.kind == "lm" else main_metric)
+    metric = t.metric_for_best or ("loss" if recipe.task.kind in ("lm", "dialogue") else main_metric)
     return TrainingArguments(
         output_dir=str(run.checkpoints),
         num_train_epochs=t.epochs,
@@ -228,7 +239,7 @@ def make_trainer(prep: Prepared, run: RunDir, args: TrainingArguments, callbacks
         train_dataset=prep.datasets["train"],
         eval_dataset=prep.datasets["valid"],
         processing_class=prep.tokenizer,
-        data_collator=default_data_collator if lm else DataCollatorWithPadding(prep.tokenizer),
+        data_collator=prep.collator or (default_data_collator if lm else DataCollatorWithPadding(prep.tokenizer)),
         compute_metrics=None if lm else metrics_for(prep.task),
         callbacks=cbs,
     )
@@ -311,7 +322,8 @@ def train(prep: Prepared, run: RunDir, resume: bool = False, is_main: bool = Tru
     results: dict[str, Any] = {}
     if is_main:
         ckpt_info = _keep_best_and_last(run, trainer.state.best_model_checkpoint)
-        save_trained(trainer.model, run.model_dir, recipe.peft, recipe.model, prep.head, prep.tokenizer)
+        save_trained(trainer.model, run.model_dir, recipe.peft, recipe.model, prep.head, prep.tokenizer,
+                     base_path=prep.base_path)
         total, trainable = count_parameters(trainer.model)
         results = {
             "name": recipe.name,
@@ -328,7 +340,7 @@ def train(prep: Prepared, run: RunDir, resume: bool = False, is_main: bool = Tru
             "train_wall_time_s": train_seconds,
             "resumed_from": Path(checkpoint).name if checkpoint else None,
             **({"train_tokens_per_second": float(out.metrics.get("train_samples_per_second", 0.0))
-                * recipe.task.block_size} if prep.task.spec.kind == "lm" else {}),
+                * recipe.task.block_size} if recipe.task.kind == "lm" else {}),
             **ckpt_info,
         }
         eval_split = "test" if "test" in speed else "valid"
@@ -361,32 +373,50 @@ def _teacher_comparison(prep: Prepared, trainer: Trainer, run: RunDir, split: st
 
 def eval_data(recipe: Recipe, tokenizer: Any) -> tuple[TaskData, dict[str, Any]]:
     """The task and its tokenised splits, for evaluating a saved model."""
+    if recipe.task.kind == "dialogue":
+        from .dialogue.train import dialogue_eval_data
+
+        return dialogue_eval_data(recipe, tokenizer)
     if recipe.task.kind == "lm":
         from .data.lm import lm_blocks_cached, read_texts
 
         base = recipe.task.data_dir or Path(".")
         files = {"train": recipe.task.train_file, "valid": recipe.task.valid_file, "test": recipe.task.test_file}
-        datasets = {k: lm_blocks_cached(read_texts([base / f]), tokenizer, recipe.task.block_size)
-                    for k, f in files.items() if f}
+        if recipe.task.dialogue is not None:
+            from .dialogue.tasks import lm_texts
+
+            texts = lm_texts(recipe.task)
+        else:
+            texts = {k: read_texts([base / f]) for k, f in files.items() if f}
+        datasets = {k: lm_blocks_cached(t, tokenizer, recipe.task.block_size) for k, t in texts.items()}
         spec = TaskSpec(recipe.task.name, "lm", None, ("perplexity",), (), "")
         return TaskData(spec, None, {k: [None] * len(v) for k, v in datasets.items()}), datasets
     task = load_task(recipe.task, recipe.train.seed)
     return task, {k: tokenize_examples(v, tokenizer, recipe.task.max_length) for k, v in task.splits.items()}
 
 
+def eval_collator(recipe: Recipe, tokenizer: Any) -> Any:
+    """The task's own data collator for evaluation (dialogue), or None for the default."""
+    if recipe.task.kind == "dialogue":
+        from .dialogue.data import DialogueCollator
+
+        return DialogueCollator(tokenizer.pad_token_id)
+    return None
+
+
 def evaluate_model(model: torch.nn.Module, tokenizer: Any, dataset: Any, task: TaskData, batch_size: int,
-                   out_dir: Path) -> dict[str, float]:
+                   out_dir: Path, collator: Any = None) -> dict[str, float]:
     """Evaluate a trained model on a tokenised split with a progress bar."""
-    return task_metrics(_evaluate_raw(model, tokenizer, dataset, task, batch_size, out_dir), "eval", task)
+    return task_metrics(_evaluate_raw(model, tokenizer, dataset, task, batch_size, out_dir, collator), "eval", task)
 
 
 def _evaluate_raw(model: torch.nn.Module, tokenizer: Any, dataset: Any, task: TaskData, batch_size: int,
-                  out_dir: Path) -> dict[str, float]:
+                  out_dir: Path, collator: Any = None) -> dict[str, float]:
     lm = task.spec.kind == "lm"
     args = TrainingArguments(output_dir=str(out_dir), per_device_eval_batch_size=batch_size, report_to="none",
                              dataloader_pin_memory=torch.cuda.is_available(), use_cpu=cpu_only(),
                              label_names=["labels"], remove_unused_columns=False, disable_tqdm=False)
     trainer = Trainer(model=model, args=args, processing_class=tokenizer,
-                      data_collator=default_data_collator if lm else DataCollatorWithPadding(tokenizer),
+                      data_collator=collator or (default_data_collator if lm else DataCollatorWithPadding(tokenizer)),
                       compute_metrics=None if lm else metrics_for(task))
     return trainer.evaluate(dataset, metric_key_prefix="eval")

@@ -24,10 +24,15 @@ class TaskData:
 
 def load_task(cfg: TaskConfig, seed: int) -> TaskData:
     """Read, validate, split and sample a task as its recipe section says."""
-    spec = resolve_task(cfg)
-    if cfg.hf is not None:
+    if cfg.dialogue is not None:  # DailyDialog utterances labelled with their dialogue act
+        from ..dialogue.tasks import read_act_task
+
+        spec, raw = read_act_task(cfg)
+    elif cfg.hf is not None:
+        spec = resolve_task(cfg)
         raw = read_hf(cfg.hf, spec)
     else:
+        spec = resolve_task(cfg)
         if "train" not in spec.files:
             raise DeltakdError(f"task: no training file found in '{cfg.data_dir}'; set task.train_file")
         raw = {split: read_file(path, spec) for split, path in spec.files.items()}
@@ -36,7 +41,9 @@ def load_task(cfg: TaskConfig, seed: int) -> TaskData:
     seed = seed if cfg.split_seed is None else cfg.split_seed
     test = raw.get("test")
     if cfg.resplit_valid:
-        train, valid, test = (*resplit(train, cfg.resplit_valid, seed, spec.kind == "classification"), valid)
+        # the old valid split becomes the test split (GLUE dev); without one, a test file stays the test split
+        train, valid, test = (*resplit(train, cfg.resplit_valid, seed, spec.kind == "classification"),
+                              valid if valid is not None else test)
     if valid is None:
         raise DeltakdError("task: no validation data; give task.valid_file or task.resplit_valid: 0.1")
     if cfg.k_shot is not None:

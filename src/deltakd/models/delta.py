@@ -54,11 +54,11 @@ def load_base(cfg: ModelConfig, head: Head) -> PreTrainedModel:
                            ignore_mismatched_sizes=True, **head.config_kwargs())
 
 
-def peft_config(cfg: PeftConfig, base_path: str):
+def peft_config(cfg: PeftConfig, base_path: str, causal_lm: bool = False):
     """The ``peft`` config object for a recipe's peft section (None for full / bottleneck)."""
     import peft
 
-    task = peft.TaskType.SEQ_CLS
+    task = peft.TaskType.CAUSAL_LM if causal_lm else peft.TaskType.SEQ_CLS
     if isinstance(cfg, LoraPeft):
         return peft.LoraConfig(task_type=task, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                target_modules=list(cfg.target))
@@ -89,8 +89,12 @@ def bottleneck_spec(cfg: BottleneckPeft):
                           non_linearity=cfg.non_linearity)
 
 
-def attach_delta(model: PreTrainedModel, cfg: PeftConfig, base_path: str) -> torch.nn.Module:
-    """Wrap ``model`` with the recipe's delta module; only the delta (and the head) trains."""
+def attach_delta(model: PreTrainedModel, cfg: PeftConfig, base_path: str, causal_lm: bool = False) -> torch.nn.Module:
+    """Wrap ``model`` with the recipe's delta module; only the delta (and the head) trains.
+
+    ``base_path`` is where prompt tuning's ``init_text`` tokenizer loads from; ``causal_lm`` picks
+    peft's causal-LM wrapper (virtual tokens / prefixes before the sequence, loss on shifted labels).
+    """
     if isinstance(cfg, FullFT):
         return model
     if isinstance(cfg, BottleneckPeft):
@@ -100,7 +104,7 @@ def attach_delta(model: PreTrainedModel, cfg: PeftConfig, base_path: str) -> tor
     import peft
 
     try:
-        wrapped = peft.get_peft_model(model, peft_config(cfg, base_path))
+        wrapped = peft.get_peft_model(model, peft_config(cfg, base_path, causal_lm))
     except ValueError as e:
         raise DeltakdError(f"peft ({cfg.method}): {str(e).splitlines()[0]}") from None
     if isinstance(cfg, LoraPeft) and cfg.full:
@@ -117,20 +121,21 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def save_trained(model: torch.nn.Module, directory: Path, cfg: PeftConfig, model_cfg: ModelConfig,
-                 head: Head, tokenizer) -> dict[str, Any]:
+                 head: Head, tokenizer, base_path: str | None = None) -> dict[str, Any]:
     """Save so that the output reloads with transformers (plain) or peft (adapter + head).
 
     - full fine-tuning, and LoRA with ``full: true`` (base weights trained too): a plain model;
     - other peft methods: the adapter with the trained head (peft ``modules_to_save``);
       LoRA ``merge: true`` also writes ``merged/``, a plain model;
     - bottleneck adapters: adapter weights + config (reload with :func:`load_trained`).
+    ``base_path`` (default: ``model_cfg.name`` resolved) is where an adapter's base model reloads from.
     Returns the metadata written to ``deltakd_model.json``.
     """
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    base_path = resolve_model_path(model_cfg.name)
+    base_path = base_path or resolve_model_path(model_cfg.name)
     meta: dict[str, Any] = {"base_model": base_path, "method": cfg.method, "problem_type": head.problem_type,
                             "num_labels": head.num_labels, "labels": list(head.labels) if head.labels else None}
     if isinstance(cfg, FullFT) or (isinstance(cfg, LoraPeft) and cfg.full):
@@ -178,9 +183,15 @@ def load_trained(directory: str | Path, merged: bool = False) -> tuple[torch.nn.
     if head.causal_lm:
         from transformers import AutoModelForCausalLM
 
-        if fmt != "transformers":
-            raise DeltakdError(f"'{directory}': only plain causal-LM folders load here (format {fmt})")
-        model = AutoModelForCausalLM.from_pretrained(directory)
+        if fmt == "transformers":
+            model = AutoModelForCausalLM.from_pretrained(directory)
+        elif fmt == "peft":  # an adapter on a causal LM (dialogue): the base from its folder or hub id
+            from peft import PeftModel
+
+            base = load_pretrained(AutoModelForCausalLM.from_pretrained, meta["base_model"], "base model")
+            model = PeftModel.from_pretrained(base, directory)
+        else:
+            raise DeltakdError(f"'{directory}': causal-LM folders of format {fmt} do not load here")
     elif merged and meta.get("merged"):
         model = AutoModelForSequenceClassification.from_pretrained(directory / meta["merged"])
     elif fmt == "transformers":

@@ -38,6 +38,22 @@ class HFSource(Strict):
         default_factory=lambda: {"train": "train", "valid": "validation"})
 
 
+class DialogueOptions(Strict):
+    """DailyDialog read from ``task.data_dir`` (original layout); what ``task.kind`` builds from it.
+
+    ``dialogue``: one causal-LM example per response turn, ``act <eos> context <eos> response <eos>``
+    (or the act just before the response), loss on the response only; ``lm``: every turn
+    eos-separated as pre-training text; ``classification``: utterances labelled with their act.
+    """
+
+    context_turns: int = Field(default=3, ge=1, description="previous turns kept as context (the last N)")
+    act_position: Literal["first", "before_response"] = "first"
+    max_response_tokens: int = Field(default=48, ge=1, description="responses cut to this many tokens (+ eos)")
+    max_dialogues: int | None = Field(default=None, gt=0, description="use the first N train dialogues")
+    max_eval_dialogues: int | None = Field(default=None, gt=0, description="the first N valid/test dialogues")
+    short_labels: Literal["drop_dialogue", "drop_last_turn"] = "drop_dialogue"
+
+
 class TaskConfig(Strict):
     """Which data, which columns, which metric.
 
@@ -55,7 +71,7 @@ class TaskConfig(Strict):
     text_columns: list[str | int] | None = Field(default=None, min_length=1, max_length=2)
     label_column: str | int | None = None
     labels: list[str] | None = Field(default=None, min_length=2)
-    kind: Literal["classification", "regression", "lm"] | None = None
+    kind: Literal["classification", "regression", "lm", "dialogue"] | None = None
     metrics: list[Literal["accuracy", "f1", "matthews", "pearson", "spearman", "perplexity"]] | None = None
     hf: HFSource | None = None
     resplit_valid: float | None = Field(default=None, gt=0.0, lt=1.0)
@@ -66,6 +82,7 @@ class TaskConfig(Strict):
     max_eval_samples: int | None = Field(default=None, gt=0)
     max_length: int = Field(default=128, ge=8, le=8192)
     block_size: int = Field(default=128, ge=8, le=8192, description="lm: tokens per training block")
+    dialogue: DialogueOptions | None = Field(default=None, description="read DailyDialog from data_dir")
 
     @model_validator(mode="after")
     def _sources(self, info: ValidationInfo) -> "TaskConfig":
@@ -73,6 +90,10 @@ class TaskConfig(Strict):
             raise ValueError("give task.data_dir (a folder of files), task.train_file, or task.hf")
         if self.hf is not None and (self.data_dir is not None or self.train_file is not None):
             raise ValueError("task.hf cannot be combined with task.data_dir / task.train_file")
+        if self.kind == "dialogue" and self.dialogue is None:
+            self.dialogue = DialogueOptions()
+        if self.dialogue is not None and (self.data_dir is None or self.hf is not None or self.train_file):
+            raise ValueError("task.dialogue: give task.data_dir, a DailyDialog folder (no train_file / hf)")
         if _check_files(info) and self.data_dir is not None and not self.data_dir.is_dir():
             raise ValueError(f"task.data_dir: folder '{self.data_dir}' does not exist")
         return self
