@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import (DataCollatorWithPadding, default_data_collator, EarlyStoppingCallback, Trainer, TrainerCallback,
                           TrainingArguments, set_seed)
@@ -29,6 +28,7 @@ from .models.delta import (Head, attach_delta, count_parameters, load_base, load
 from .models.hub import load_pretrained, resolve_model_path
 from .models.student import every_other, layer_count, student_from_teacher
 from .recipe import Recipe
+from .recipe.schema import TrainConfig
 from .runs import RunDir
 from .trackers import tracker_callbacks
 from .utils import cpu_only
@@ -166,11 +166,12 @@ def _prepare_lm(recipe: Recipe) -> Prepared:
     return prep
 
 
-def training_arguments(recipe: Recipe, run: RunDir, report_to: list[str], main_metric: str) -> TrainingArguments:
-    t = recipe.train
+def training_arguments(t: TrainConfig, run: RunDir, report_to: list[str], metric: str, has_eval: bool = True,
+                       **overrides: Any) -> TrainingArguments:
+    """The Trainer arguments of a recipe's ``train:`` section (shared by every family); ``metric`` picks
+    the best checkpoint; ``overrides`` replace single arguments (a family's label names, say)."""
     steps = isinstance(t.eval_every, int)
-    metric = t.metric_for_best or ("loss" if recipe.task.kind in ("lm", "dialogue") else main_metric)
-    return TrainingArguments(
+    kwargs: dict[str, Any] = dict(
         output_dir=str(run.checkpoints),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
@@ -184,14 +185,14 @@ def training_arguments(recipe: Recipe, run: RunDir, report_to: list[str], main_m
         max_grad_norm=t.max_grad_norm,
         seed=t.seed,
         data_seed=t.seed,
-        eval_strategy="steps" if steps else "epoch",
+        eval_strategy=("steps" if steps else "epoch") if has_eval else "no",
         eval_steps=t.eval_every if steps else None,
         save_strategy="steps" if steps else "epoch",
         save_steps=(t.eval_every if t.save_every == "eval" else t.save_every) if steps else None,
         save_total_limit=t.save_total_limit,
-        load_best_model_at_end=True,
-        metric_for_best_model=metric,
-        greater_is_better=not metric.endswith("loss"),
+        load_best_model_at_end=has_eval,
+        metric_for_best_model=metric if has_eval else None,
+        greater_is_better=not metric.endswith(("loss", "mse")),
         logging_steps=t.logging_steps,
         report_to=report_to or "none",
         bf16=t.bf16,
@@ -205,6 +206,8 @@ def training_arguments(recipe: Recipe, run: RunDir, report_to: list[str], main_m
         disable_tqdm=False,
         save_only_model=False,
     )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
 
 
 def metrics_for(task: TaskData):
@@ -304,7 +307,9 @@ def train(prep: Prepared, run: RunDir, resume: bool = False, is_main: bool = Tru
     recipe = prep.recipe
     started = time.time()
     report_to, callbacks = tracker_callbacks(recipe.track, run.path, recipe.output_dir)
-    args = training_arguments(recipe, run, report_to, prep.task.spec.main_metric)
+    metric = recipe.train.metric_for_best or ("loss" if recipe.task.kind in ("lm", "dialogue")
+                                              else prep.task.spec.main_metric)
+    args = training_arguments(recipe.train, run, report_to, metric)
     trainer = make_trainer(prep, run, args, callbacks)
     checkpoint = last_complete_checkpoint(run.checkpoints, prune=is_main) if resume else None
     if checkpoint and is_main:

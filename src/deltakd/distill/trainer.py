@@ -42,7 +42,30 @@ def freeze(teacher: nn.Module) -> nn.Module:
     return teacher
 
 
-class DistillTrainer(Trainer):
+class TermLoggingTrainer(Trainer):
+    """A ``transformers.Trainer`` that logs each term of a weighted loss on its own: at every log,
+    the mean of each term since the previous log, as ``loss_<term>`` (subclasses call ``record_terms``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._term_sums: dict[str, float] = defaultdict(float)
+        self._term_count = 0
+
+    def record_terms(self, terms: dict[str, torch.Tensor]) -> None:
+        for k, v in terms.items():
+            self._term_sums[k] += float(v.detach())
+        self._term_count += 1
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self._term_count and "loss" in logs:
+            for k, v in self._term_sums.items():
+                logs[f"loss_{k}"] = v / self._term_count
+            self._term_sums.clear()
+            self._term_count = 0
+        super().log(logs, *args, **kwargs)
+
+
+class DistillTrainer(TermLoggingTrainer):
     """A ``transformers.Trainer`` whose training loss is a weighted sum of distillation terms.
 
     ``kind`` is ``"classification"`` (logits (B, C)) or ``"lm"`` (logits (B, L, V), next-token).
@@ -65,8 +88,6 @@ class DistillTrainer(Trainer):
         self.heads = heads.to(self.args.device) if heads is not None and not heads.empty else None
         self.cache = cache
         self.lora_modules = tuple(lora_modules)
-        self._term_sums: dict[str, float] = defaultdict(float)
-        self._term_count = 0
         self.teacher_forwards = 0  # live teacher calls, for tests and benchmarks
 
     # --- optimizer and checkpoints: the heads train and resume with the student ---------------
@@ -127,9 +148,7 @@ class DistillTrainer(Trainer):
         terms = self._terms(weights, student, teacher, t_logits, t_pooled, labels, inputs.get("attention_mask"),
                             num_items_in_batch, pairs, s_cap, t_cap)
         loss = sum(weights[k] * v for k, v in terms.items())
-        for k, v in terms.items():
-            self._term_sums[k] += float(v.detach())
-        self._term_count += 1
+        self.record_terms(terms)
         return (loss, student) if return_outputs else loss
 
     def _pairs(self, weights: dict[str, float], epoch: float) -> list[tuple[int, list[int]]]:
@@ -193,11 +212,3 @@ class DistillTrainer(Trainer):
             out["lora_ild"] = L.lora_feature_mse(feats_s, feats_t, mask)
         return out
 
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Add the mean of every loss term since the last log to the training logs."""
-        if self._term_count and "loss" in logs:
-            for k, v in self._term_sums.items():
-                logs[f"loss_{k}"] = v / self._term_count
-            self._term_sums.clear()
-            self._term_count = 0
-        super().log(logs, *args, **kwargs)

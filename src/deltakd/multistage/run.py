@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import torch
 import yaml
 from transformers import TrainingArguments, set_seed
 
+from ..engine import training_arguments
 from ..errors import DeltakdError
 from ..models.hub import resolve_model_path
 from ..models.student import every_other, layer_count
@@ -255,45 +255,9 @@ def _teacher_metrics(stage: Stage) -> dict[str, Any]:
 
 
 def _args(recipe: MultistageRecipe, run: RunDir, has_eval: bool) -> TrainingArguments:
-    t = recipe.train
-    steps = isinstance(t.eval_every, int)
-    metric = t.metric_for_best or "loss"
-    strategy = ("steps" if steps else "epoch") if has_eval else "no"
-    return TrainingArguments(
-        output_dir=str(run.checkpoints),
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
-        learning_rate=t.lr,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.eval_batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_ratio,
-        lr_scheduler_type=t.scheduler,
-        max_grad_norm=t.max_grad_norm,
-        seed=t.seed,
-        data_seed=t.seed,
-        eval_strategy=strategy,
-        eval_steps=t.eval_every if steps else None,
-        save_strategy="steps" if steps else "epoch",
-        save_steps=(t.eval_every if t.save_every == "eval" else t.save_every) if steps else None,
-        save_total_limit=t.save_total_limit,
-        load_best_model_at_end=has_eval,
-        metric_for_best_model=metric if has_eval else None,
-        greater_is_better=not metric.endswith("loss") and not metric.endswith("mse"),
-        logging_steps=t.logging_steps,
-        report_to=list(recipe.track) or "none",
-        bf16=t.bf16,
-        fp16=t.fp16,
-        dataloader_num_workers=t.num_workers,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=cpu_only(),
-        label_names=["teacher_en"],
-        prediction_loss_only=True,
-        remove_unused_columns=False,
-        disable_tqdm=False,
-        save_only_model=False,
-    )
+    return training_arguments(recipe.train, run, list(recipe.track), recipe.train.metric_for_best or "loss", has_eval,
+                              label_names=["teacher_en"], prediction_loss_only=True,
+                              train_sampling_strategy="random")
 
 
 def train_stage(stage: Stage, run: RunDir, resume: bool = False, test: bool = True) -> dict[str, Any]:

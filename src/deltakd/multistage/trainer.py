@@ -10,15 +10,14 @@ held-out translation accuracy and MSE x100 to the Trainer's ``eval_loss``.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import Trainer
 
 from ..distill.losses import mean_pool
+from ..distill.trainer import TermLoggingTrainer
 from . import losses as L
 from .data import ParallelCollator, ParallelPair
 from .recipe import LossConfig
@@ -63,7 +62,7 @@ def loss_terms(s_en: Tensor, s_tr: Tensor, t_en: Tensor, cfg: LossConfig) -> dic
     return out
 
 
-class MultistageTrainer(Trainer):
+class MultistageTrainer(TermLoggingTrainer):
     """``transformers.Trainer`` whose loss is the recipe's weighted embedding objectives.
 
     ``extra_eval``: called with the model at every evaluation, returns metrics (without prefix)
@@ -76,8 +75,6 @@ class MultistageTrainer(Trainer):
         self.loss_cfg = loss
         self.normalize = normalize
         self.extra_eval = extra_eval
-        self._term_sums: dict[str, float] = defaultdict(float)
-        self._term_count = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         s_en = embed(model, inputs["english"], self.normalize)  # (B, H)
@@ -87,19 +84,8 @@ class MultistageTrainer(Trainer):
         weights = self.loss_cfg.weights()
         loss = sum(weights[k] * v for k, v in terms.items())
         if model.training:
-            for k, v in terms.items():
-                self._term_sums[k] += float(v.detach())
-            self._term_count += 1
+            self.record_terms(terms)
         return (loss, {"embeddings": s_tr}) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Add the mean of every loss term since the last log to the training logs."""
-        if self._term_count and "loss" in logs:
-            for k, v in self._term_sums.items():
-                logs[f"loss_{k}"] = v / self._term_count
-            self._term_sums.clear()
-            self._term_count = 0
-        super().log(logs, *args, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
