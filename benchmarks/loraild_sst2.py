@@ -29,6 +29,7 @@ LR = {"nokd": 1e-4, "lorakd": 1e-4, "railkd_c": 1e-4, "railkd_l": 1e-4, "curricu
 
 def main() -> None:
     from deltakd import api
+    from deltakd.recipe import load_recipe
     from deltakd.report.compare import newest_finished
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,9 +52,14 @@ def main() -> None:
     t_acc = teacher["metrics"]["test"]["accuracy"]
     rows = []
     for method in a.methods:
+        overrides = [*common, f"teacher.run={teacher['run_dir']}", f"train.epochs={a.student_epochs}"]
+        recipe = load_recipe(recipes / f"{method}.yaml", overrides)
+        cur = recipe.distill.curriculum if recipe.distill else None
+        if cur is not None:  # keep the switch at the same share of training when the epochs change
+            base_epochs = load_recipe(recipes / f"{method}.yaml", overrides[:-1]).train.epochs
+            overrides.append(f"distill.curriculum.at_epoch={cur.at_epoch * a.student_epochs / base_epochs:.4g}")
         res = api.sweep(recipes / f"{method}.yaml", [
-            *common, f"teacher.run={teacher['run_dir']}", f"train.epochs={a.student_epochs}",
-            f"sweep.train.lr=[{LR[method]}]", f"sweep.train.seed={a.seeds}"], progress=True)
+            *overrides, f"sweep.train.lr=[{LR[method]}]", f"sweep.train.seed={a.seeds}"], progress=True)
         results = [json.loads((Path(t.run_dir) / "results.json").read_text()) for t in res.trials]
         rows.append((method, results))
     print(f"\nSST-2 ({a.train_samples} training sentences; test = GLUE dev, 872), MiniLM-L6 + LoRA teacher "

@@ -112,3 +112,15 @@ def test_missing_recipe_and_extends_cycle_and_bad_yaml(tmp_path):
     write_recipe(tmp_path / "bad.yaml", "name: [unclosed\n")
     with pytest.raises(DeltakdError, match="line 2: invalid YAML"):
         load_recipe(tmp_path / "bad.yaml")
+
+
+def test_a_curriculum_that_would_never_start_is_refused(tmp_path):
+    (tmp_path / "data").mkdir()
+    write_recipe(tmp_path / "r.yaml", f"name: r\ntask: {{name: sst2, data_dir: {tmp_path / 'data'}}}\n"
+                 "teacher: {model: minilm-l6}\ntrain: {epochs: 1}\n"
+                 "distill: {losses: {kd: 1.0}, curriculum: {at_epoch: 1, losses: {ce: 1.0}}}\n")
+    with pytest.raises(DeltakdError, match=r"distill.curriculum.at_epoch: 1 is not before the end of training "
+                                           r"\(train.epochs 1\)"):
+        load_recipe(tmp_path / "r.yaml")
+    assert load_recipe(tmp_path / "r.yaml", ["distill.curriculum.at_epoch=0.5"]).distill.curriculum.at_epoch == 0.5
+    assert load_recipe(tmp_path / "r.yaml", ["train.max_steps=100"]).train.max_steps == 100  # steps decide

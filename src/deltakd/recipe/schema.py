@@ -335,6 +335,10 @@ class Recipe(Strict):
             raise ValueError("distill / student.from_teacher need a teacher: section")
         if self.teacher is not None and self.distill is None:
             self.distill = DistillConfig()
+        cur = self.distill.curriculum if self.distill is not None else None
+        if cur is not None and not self.train.max_steps and cur.at_epoch >= self.train.epochs:
+            raise ValueError(f"distill.curriculum.at_epoch: {cur.at_epoch:g} is not before the end of training "
+                             f"(train.epochs {self.train.epochs:g}); the curriculum would never start")
         return self
 
     @field_validator("track")
