@@ -59,7 +59,7 @@ def run_deltakd(recipe, warmup: int) -> float:
     prep = engine.prepare(recipe)
     clock = StepClock()
     run = new_run_dir(recipe.output_dir, recipe.name)
-    args = engine.training_arguments(recipe, run, [], prep.task.spec.main_metric)
+    args = engine.training_arguments(recipe.train, run, [], prep.task.spec.main_metric)
     trainer = engine.make_trainer(prep, run, args, [clock])
     trainer.train()
     return seconds_per_step(clock.times, warmup)
