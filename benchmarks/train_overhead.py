@@ -6,7 +6,7 @@ each step costs the same whichever batches the two loops draw. Timing runs from 
 step ``--warmup`` to the end of the last step: data loading, forward, backward, optimiser and
 logging are all inside the window; the final evaluation and saving are not.
 
-    python benchmarks/train_overhead.py [--steps 40] [--rounds 2]
+    python benchmarks/train_overhead.py [--steps 80] [--rounds 3]
 
 Prints the ratio deltakd / plain (goal <= 1.05).
 """
@@ -94,9 +94,9 @@ def run_plain(recipe, warmup: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--length", type=int, default=64)
     a = ap.parse_args()
