@@ -43,36 +43,28 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# preset key -> the recipe keys it sets (lists become YAML flow lists)
+KEYS: dict[str, tuple[str, ...]] = {
+    "sources": ("transfer.sources",), "targets": ("transfer.targets",), "k": ("transfer.target.k",),
+    "seeds": ("transfer.target.seeds",), "estimators": ("transfer.estimate.estimators",),
+    "source_samples": ("transfer.library.max_train_samples",), "source_epochs": ("transfer.library.train.epochs",),
+    "target_epochs": ("transfer.target.train.epochs",), "estimate_steps": ("transfer.estimate.steps",),
+    "eval_samples": ("transfer.target.max_eval_samples", "transfer.library.max_eval_samples"),
+}
+
+
+def _value(v) -> str:
+    return f"[{', '.join(map(str, v))}]" if isinstance(v, (list, tuple)) else str(v)
+
+
 def overrides_for(p: dict, output_dir: str, library: str | None) -> list[str]:
-    out = [f"output_dir={output_dir}"]
-    if library:
-        out.append(f"transfer.library.dir={library}")
-    if "sources" in p:
-        out.append(f"transfer.sources=[{', '.join(p['sources'])}]")
-    if "targets" in p:
-        out.append(f"transfer.targets=[{', '.join(p['targets'])}]")
-    if "k" in p:
-        out.append(f"transfer.target.k={p['k']}")
-    if "seeds" in p:
-        out.append(f"transfer.target.seeds=[{', '.join(map(str, p['seeds']))}]")
-    if "estimators" in p:
-        out.append(f"transfer.estimate.estimators=[{', '.join(p['estimators'])}]")
-    if "source_samples" in p:
-        out.append(f"transfer.library.max_train_samples={p['source_samples']}")
-    if "source_epochs" in p:
-        out.append(f"transfer.library.train.epochs={p['source_epochs']}")
+    out = [f"output_dir={output_dir}"] + ([f"transfer.library.dir={library}"] if library else [])
+    out += [f"{key}={_value(p[name])}" for name, keys in KEYS.items() if name in p for key in keys]
     if "grid" in p:
         lrs, bss = p["grid"]
-        out += [f"transfer.library.grid.lr=[{', '.join(map(str, lrs))}]",
-                f"transfer.library.grid.batch_size=[{', '.join(map(str, bss))}]"]
-    if "target_epochs" in p:
-        out.append(f"transfer.target.train.epochs={p['target_epochs']}")
+        out += [f"transfer.library.grid.lr={_value(lrs)}", f"transfer.library.grid.batch_size={_value(bss)}"]
     if "eval_samples" in p:
-        out += [f"transfer.target.max_eval_samples={p['eval_samples']}",
-                f"transfer.library.max_eval_samples={p['eval_samples']}",
-                f"transfer.estimate.dev_samples={min(p['eval_samples'], 256)}"]
-    if "estimate_steps" in p:
-        out.append(f"transfer.estimate.steps={p['estimate_steps']}")
+        out.append(f"transfer.estimate.dev_samples={min(p['eval_samples'], 256)}")
     return out
 
 

@@ -32,20 +32,24 @@ def minilm_path() -> str:
     return resolve_model_path("minilm-l6")
 
 
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory, minilm_path) -> Path:
-    """A 2-layer, hidden-32 BERT with random weights and MiniLM's tokenizer, saved to disk."""
+def write_tiny_bert(out: Path, tokenizer_path: str, layers: int = 2, positions: int = 128) -> Path:
+    """A hidden-32 BERT of ``layers`` layers with random weights (seed 0) and the given tokenizer, saved to ``out``."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(minilm_path)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    out = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=positions)
     BertModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, minilm_path) -> Path:
+    """A 2-layer, hidden-32 BERT with random weights and MiniLM's tokenizer, saved to disk."""
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), minilm_path)
 
 
 def sentiment_rows(n: int, seed: int) -> list[tuple[str, int]]:

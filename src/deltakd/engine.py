@@ -121,7 +121,7 @@ def _student_base(recipe: Recipe, teacher: torch.nn.Module) -> tuple[torch.nn.Mo
 
 def _prepare_lm(recipe: Recipe) -> Prepared:
     """Causal-LM data (token blocks), tokenizer (given, the teacher's, or BPE trained on the data), model."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from .data.lm import get_or_train_tokenizer, lm_blocks_cached, read_texts
 
@@ -144,13 +144,7 @@ def _prepare_lm(recipe: Recipe) -> Prepared:
     datasets = {split: lm_blocks_cached(t, tokenizer, cfg.block_size) for split, t in texts.items()}
     model, copied = _student_base(recipe, teacher) if teacher is not None else (None, None)
     if model is None and recipe.model.config is not None:
-        conf = dict(recipe.model.config)
-        conf.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-        try:
-            config = AutoConfig.for_model(**conf)
-        except (ValueError, TypeError) as e:
-            raise DeltakdError(f"model.config: {str(e).splitlines()[0]}") from None
+        config = lm_config(recipe.model.config, tokenizer, pad_token_id=tokenizer.eos_token_id)
         limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
         if limit is not None and limit < cfg.block_size:
             raise DeltakdError(f"task.block_size: {cfg.block_size} exceeds the model's {limit} positions")
@@ -164,6 +158,19 @@ def _prepare_lm(recipe: Recipe) -> Prepared:
     if teacher is not None:
         prep.distill = _distill_setup(prep, copied)
     return prep
+
+
+def lm_config(config: dict[str, Any], tokenizer: Any, pad_token_id: int | None) -> Any:
+    """A from-scratch causal-LM config (recipe ``model.config``) sized to the tokenizer, eos as bos/eos."""
+    from transformers import AutoConfig
+
+    conf = dict(config)
+    conf.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_token_id)
+    try:
+        return AutoConfig.for_model(**conf)
+    except (ValueError, TypeError) as e:
+        raise DeltakdError(f"model.config: {str(e).splitlines()[0]}") from None
 
 
 def training_arguments(t: TrainConfig, run: RunDir, report_to: list[str], metric: str, has_eval: bool = True,

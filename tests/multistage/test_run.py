@@ -22,7 +22,7 @@ from deltakd.multistage.evaluate import hf_encoder, st_encoder
 from deltakd.multistage.models import layer_pattern, load_student, multistage_spec
 from deltakd.multistage.recipe import load_multistage_recipe
 
-from ..conftest import ROOT
+from ..conftest import ROOT, write_tiny_bert
 
 STAGES = ROOT / "recipes" / "multistage"
 RECIPES = sorted(p for p in STAGES.glob("*.yaml") if not p.name.startswith("_"))
@@ -48,16 +48,7 @@ def sentence(combo: tuple[str, str, str, str], lang: int | None) -> str:
 def teacher_dir(tmp_path_factory, minilm_path) -> Path:
     """A 4-layer hidden-32 random BERT with MiniLM's tokenizer (a plain HF folder: the
     sentence-transformers teacher gets mean pooling)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(minilm_path)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
-    out = tmp_path_factory.mktemp("ms-teacher")
-    BertModel(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return write_tiny_bert(tmp_path_factory.mktemp("ms-teacher"), minilm_path, layers=4, positions=64)
 
 
 @pytest.fixture(scope="module")

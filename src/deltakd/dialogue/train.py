@@ -68,13 +68,9 @@ def load_causal_lm(recipe: Recipe, check: Callable[[Any], None] | None = None) -
             raise DeltakdError(f"peft: {recipe.peft.method} needs a pretrained causal LM (model.name), "
                                "not a fresh model.config; train one with kind: lm first")
         tokenizer = get_or_train_tokenizer(mc.tokenizer, lm_texts(recipe.task)["train"], mc.vocab_size)
-        conf = dict(mc.config)
-        conf.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        try:
-            config = AutoConfig.for_model(**conf)
-        except (ValueError, TypeError) as e:
-            raise DeltakdError(f"model.config: {str(e).splitlines()[0]}") from None
+        from ..engine import lm_config
+
+        config = lm_config(mc.config, tokenizer, pad_token_id=tokenizer.pad_token_id)
         if check is not None:
             check(config)
         return AutoModelForCausalLM.from_config(config), tokenizer, None
