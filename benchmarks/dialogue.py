@@ -48,6 +48,16 @@ def _untuned_response_ppl(pretrain_dir: str, tuned_recipe, scratch: Path) -> flo
     return math.exp(min(m["loss"], 50.0))
 
 
+def _classifier_run(run_dir: str) -> dict:
+    """A finished act-classifier run's results.json (what ``api.train`` returns for it)."""
+    from deltakd.errors import DeltakdError
+
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise DeltakdError(f"--classifier '{run_dir}': no results.json there (not a finished run)")
+    return json.loads(path.read_text())
+
+
 def main() -> None:
     from deltakd import api
     from deltakd.recipe import load_recipe
@@ -55,10 +65,13 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dialogues", type=int, default=1000, help="train dialogues (pre-training and tuning)")
+    ap.add_argument("--pretrain-dialogues", type=int, default=0,
+                    help="train dialogues of the LM pre-training; 0: all 11,118 (more text than the tuning gets)")
     ap.add_argument("--eval-dialogues", type=int, default=200, help="valid/test dialogues")
-    ap.add_argument("--pretrain-epochs", type=float, default=5)
+    ap.add_argument("--pretrain-epochs", type=float, default=2)
     ap.add_argument("--epochs", type=float, default=2, help="tuning epochs of every method")
     ap.add_argument("--classifier-dialogues", type=int, default=800)
+    ap.add_argument("--classifier", default=None, help="reuse this finished act-classifier run instead of training one")
     ap.add_argument("--classifier-epochs", type=float, default=2)
     ap.add_argument("--max-contexts", type=int, default=300, help="test contexts generated for")
     ap.add_argument("--max-new-tokens", type=int, default=None)
@@ -72,10 +85,11 @@ def main() -> None:
               f"task.dialogue.max_eval_dialogues={a.eval_dialogues}"] + \
         ([f"task.data_dir={a.data_dir}"] if a.data_dir else [])
     t0 = time.time()
-    pre = api.train(recipes / "pretrain.yaml", [*common, f"train.epochs={a.pretrain_epochs}", *a.sets])
-    cls = api.train(recipes / "act_classifier.yaml",
-                    [*common, f"task.dialogue.max_dialogues={a.classifier_dialogues}",
-                     f"train.epochs={a.classifier_epochs}"])
+    pre = api.train(recipes / "pretrain.yaml", [*common, f"task.dialogue.max_dialogues={a.pretrain_dialogues or 'null'}",
+                                                 f"train.epochs={a.pretrain_epochs}", *a.sets])
+    cls = _classifier_run(a.classifier) if a.classifier else api.train(
+        recipes / "act_classifier.yaml", [*common, f"task.dialogue.max_dialogues={a.classifier_dialogues}",
+                                          f"train.epochs={a.classifier_epochs}"])
     tuned = {}
     for m in a.methods:
         tuned[m] = api.train(recipes / f"{m}.yaml",
@@ -110,8 +124,8 @@ def main() -> None:
     best = max(tuned, key=lambda k: evals[k]["metrics"]["control_accuracy"]) if tuned else None
     lines += ["", f"act classifier (MiniLM-L6): test accuracy {acc:.3f} on {cls['examples']['test']} utterances; "
               f"accuracy on the {n} reference responses (the control-accuracy ceiling): {ceiling:.3f}",
-              f"pre-training: {pre['train_runtime_s']:.0f} s, test perplexity {pre['metrics']['test']['perplexity']:.2f}; "
-              f"{a.dialogues} train dialogues, {n} test contexts, greedy decoding; total {time.time() - t0:.0f} s"]
+              f"pre-training: {a.pretrain_dialogues or 'all'} train dialogues, {pre['train_runtime_s']:.0f} s, test perplexity "
+              f"{pre['metrics']['test']['perplexity']:.2f}; tuning: {a.dialogues} train dialogues, {n} test contexts, greedy decoding; total {time.time() - t0:.0f} s"]
     if best:
         above = [k for k in tuned if evals[k]["metrics"]["control_accuracy"] > evals["untuned"]["metrics"]["control_accuracy"]]
         lines.append(f"highest control accuracy: {best}; above the untuned model: {', '.join(above) or 'none'}")

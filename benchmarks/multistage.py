@@ -25,7 +25,6 @@ MiniLM training speed in DESIGN.md, not from a timed run here. ``--smoke`` swaps
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -106,6 +105,7 @@ def main() -> int:
 
     from deltakd.errors import DeltakdError
     from deltakd.multistage.run import run_pipeline
+    from deltakd.utils import atomic_write_json
 
     scratch = None
     teacher = args.teacher
@@ -152,10 +152,8 @@ def main() -> int:
     print(f"\ntarget (>= 50% fewer parameters than the teacher, within 1 Spearman point of mse): "
           f"{100 * smaller:.1f}% fewer, {gap:+.2f} points behind mse -> {'met' if ok else 'not met'}")
     print(f"wall time {(time.time() - started) / 60:.1f} min; runs under {args.log_dir}")
-    summary = args.log_dir / "multistage_summary.json"
-    summary.parent.mkdir(parents=True, exist_ok=True)
-    summary.write_text(json.dumps({"rows": rows, "stage4": stage4, "target_met": ok, "args": {
-        k: str(v) for k, v in vars(args).items()}}, indent=2) + "\n")
+    atomic_write_json(args.log_dir / "multistage_summary.json", {"rows": rows, "stage4": stage4, "target_met": ok,
+                                                                 "args": {k: str(v) for k, v in vars(args).items()}})
     if scratch is not None:
         scratch.cleanup()
     return 0
