@@ -35,7 +35,7 @@ PRESETS: dict[str, dict] = {
     "full": {},
     "cpu": {"sources": ["sst2", "mr", "cr", "subj", "mpqa", "rte"], "targets": ["mr", "cr", "subj", "rte"],
             "k": 64, "seeds": [1, 2, 3], "estimators": ["task_groups", "cosine", "loss", "el2n"],
-            "source_samples": 1000, "source_epochs": 1, "grid": ([1e-3], [32]), "target_epochs": 8,
+            "source_samples": 2000, "source_epochs": 2, "grid": ([1e-3], [32]), "target_epochs": 8,
             "eval_samples": 200, "estimate_steps": 10},
     "tiny": {"sources": ["sst2", "mr", "cr"], "targets": ["mr"], "k": 16, "seeds": [1],
              "estimators": ["task_groups", "loss"], "source_samples": 64, "source_epochs": 1,
