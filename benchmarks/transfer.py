@@ -13,8 +13,9 @@ the best estimator beats random init by >= 3 points on average and beats the uni
 Presets (each option below overrides its preset value):
 - ``full``: the recipe as written (10 sources, 4 targets, 64-shot, 3 seeds, all 9 estimators, 2x2 grid,
   4000 source examples); hours on a 2-core CPU, minutes on a GPU.
-- ``cpu``: about 30-40 minutes on 2 CPU cores: 6 sources, 4 targets, 64-shot, 3 seeds, 4 estimators,
-  one grid cell, 1000 source examples, 8 target epochs, valid/test capped at 200 examples.
+- ``cpu``: about 40 minutes on 2 idle CPU cores: 6 sources, 4 targets, 64-shot, 3 seeds, 3 estimators,
+  one grid cell, 2000 source examples x 2 epochs, 8 target epochs, valid/test capped at 200 examples,
+  no factor-wise LoRA baseline.
 - ``tiny``: a few minutes, to check the pipeline: 3 sources, 1 target, 16-shot, 1 seed, 2 estimators.
 """
 
@@ -34,7 +35,7 @@ RECIPE = ROOT / "recipes" / "transfer" / "minilm_lora.yaml"
 PRESETS: dict[str, dict] = {
     "full": {},
     "cpu": {"sources": ["sst2", "mr", "cr", "subj", "mpqa", "rte"], "targets": ["mr", "cr", "subj", "rte"],
-            "k": 64, "seeds": [1, 2, 3], "estimators": ["task_groups", "cosine", "loss", "el2n"],
+            "k": 64, "seeds": [1, 2, 3], "estimators": ["task_groups", "cosine", "loss"], "factor_baseline": False,
             "source_samples": 2000, "source_epochs": 2, "grid": ([1e-3], [32]), "target_epochs": 8,
             "eval_samples": 200, "estimate_steps": 10},
     "tiny": {"sources": ["sst2", "mr", "cr"], "targets": ["mr"], "k": 16, "seeds": [1],
@@ -50,6 +51,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "source_samples": ("transfer.library.max_train_samples",), "source_epochs": ("transfer.library.train.epochs",),
     "target_epochs": ("transfer.target.train.epochs",), "estimate_steps": ("transfer.estimate.steps",),
     "eval_samples": ("transfer.target.max_eval_samples", "transfer.library.max_eval_samples"),
+    "factor_baseline": ("transfer.fusion.factor_baseline",),
 }
 
 
