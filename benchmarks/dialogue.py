@@ -19,7 +19,6 @@ A tiny check: --dialogues 30 --eval-dialogues 5 --pretrain-epochs 1 --epochs 1 -
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -47,23 +46,14 @@ def _untuned_response_ppl(pretrain_dir: str, tuned_recipe, scratch: Path) -> flo
     return math.exp(min(m["loss"], 50.0))
 
 
-def _classifier_run(run_dir: str) -> dict:
-    """A finished act-classifier run's results.json (what ``api.train`` returns for it)."""
-    from deltakd.errors import DeltakdError
-
-    path = Path(run_dir) / "results.json"
-    if not path.is_file():
-        raise DeltakdError(f"--classifier '{run_dir}': no results.json there (not a finished run)")
-    return json.loads(path.read_text())
-
-
 def main() -> None:
     from deltakd import api
     from deltakd.recipe import load_recipe
+    from deltakd.runs.rundir import RunDir
     from deltakd.utils import atomic_write_json, atomic_write_text
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dialogues", type=int, default=1000, help="train dialogues (pre-training and tuning)")
+    ap.add_argument("--dialogues", type=int, default=1000, help="train dialogues of the tuning")
     ap.add_argument("--pretrain-dialogues", type=int, default=0,
                     help="train dialogues of the LM pre-training; 0: all 11,118 (more text than the tuning gets)")
     ap.add_argument("--eval-dialogues", type=int, default=200, help="valid/test dialogues")
@@ -84,11 +74,12 @@ def main() -> None:
               f"task.dialogue.max_eval_dialogues={a.eval_dialogues}"] + \
         ([f"task.data_dir={a.data_dir}"] if a.data_dir else [])
     t0 = time.time()
+    cls = RunDir(Path(a.classifier)).read_results() if a.classifier else None  # checked before any training
     pre = api.train(recipes / "pretrain.yaml", [*common, f"task.dialogue.max_dialogues={a.pretrain_dialogues or 'null'}",
                                                  f"train.epochs={a.pretrain_epochs}", *a.sets])
-    cls = _classifier_run(a.classifier) if a.classifier else api.train(
-        recipes / "act_classifier.yaml", [*common, f"task.dialogue.max_dialogues={a.classifier_dialogues}",
-                                          f"train.epochs={a.classifier_epochs}"])
+    if cls is None:
+        cls = api.train(recipes / "act_classifier.yaml", [*common, f"task.dialogue.max_dialogues={a.classifier_dialogues}",
+                                                          f"train.epochs={a.classifier_epochs}"])
     tuned = {}
     for m in a.methods:
         tuned[m] = api.train(recipes / f"{m}.yaml",
@@ -138,4 +129,12 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from deltakd.errors import DeltakdError
+
+    try:
+        main()
+    except DeltakdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -14,9 +14,8 @@ with at least 50% fewer parameters than the teacher within 1 Spearman point of `
 
 Sizes: ``--pairs`` training pairs per language (Multi30k en-de + en-fr), ``--heldout`` pairs per
 language for retrieval, ``--epochs``. The defaults (2000 pairs per language, 1 epoch, full STS-B
-test) took 38.7 minutes on a 2-core CPU (mostly idle).
-``--smoke`` swaps in a
-4-layer hidden-32 random teacher and a few pairs to check the script end to end in a minute.
+test) took 38.7 minutes on a 2-core CPU (mostly idle). ``--smoke`` swaps in a 4-layer hidden-32
+random teacher and a few pairs to check the script end to end in a minute.
 
     OMP_NUM_THREADS=2 python benchmarks/multistage.py                 # the measurement
     OMP_NUM_THREADS=1 python benchmarks/multistage.py --smoke         # plumbing check
