@@ -70,7 +70,8 @@ def overrides(args: argparse.Namespace, stage: str, teacher: str) -> list[str]:
     if "bottleneck:" in raw:
         out.append(f"student.bottleneck.dim={args.bottleneck_dim}")
     if "recurrence:" in raw:
-        out.append(f"student.recurrence.k={args.k}")
+        out += [f"student.recurrence.k={args.k}", f"student.recurrence.order={args.order}",
+                f"student.recurrence.search={str(args.search).lower()}"]
     if stage == "mse":
         out.append("eval.teacher=true")
     return out
@@ -95,6 +96,10 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--bottleneck-dim", type=int, default=128)
     p.add_argument("--k", type=int, default=2, help="distinct layers of the recurrent students")
+    p.add_argument("--order", choices=["cycle", "block", "nearest"], default="cycle",
+                   help="how the k layers are reused (recipes' student.recurrence.order)")
+    p.add_argument("--search", action="store_true",
+                   help="choose the k kept layers by the untrained student's MSE to the teacher (training sentences)")
     p.add_argument("--stage4", nargs="+", default=["rec_bottle_mcl"],
                    help="stage-4 recipes to compare (e.g. rec_bottle_mcl rec_bottle_mse rec_bottle_ce)")
     p.add_argument("--teacher", default="minilm-l6")

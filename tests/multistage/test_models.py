@@ -25,14 +25,18 @@ from deltakd.multistage.models import (
     apply_recurrence,
     bottleneck_student,
     count_parameters,
+    block_pattern,
     cycle_pattern,
     export_plain,
     layer_pattern,
     load_student,
     materialize,
     multistage_spec,
+    nearest_pattern,
+    recurrence_pattern,
     recurrent_student,
     save_student,
+    search_keep,
     to_sentence_transformer,
     transformer_parts,
     unroll,
@@ -160,6 +164,49 @@ def test_recurrence_pattern_checks(bert4):
         recurrent_student(bert4, keep=[0, 1], pattern=[1, 0, 1])
     with pytest.raises(DeltakdError, match="distinct layers"):
         cycle_pattern(2, 3)
+
+
+def test_block_and_nearest_patterns():
+    assert block_pattern(6, 2) == [0, 0, 0, 1, 1, 1]
+    assert block_pattern(6, 3) == [0, 0, 1, 1, 2, 2]
+    assert block_pattern(7, 3) == [0, 0, 0, 1, 1, 2, 2]  # the first block takes the remainder
+    # nearest kept layer by depth, ties to the lower one: layers 0 0 3 3 3 5
+    assert nearest_pattern([0, 3, 5], 6, 6) == [0, 0, 1, 1, 1, 2]
+    assert nearest_pattern([1, 4], 6, 6) == [0, 0, 0, 1, 1, 1]
+    # a deeper student than the original: positions spread over the original depth 0..3
+    assert nearest_pattern([0, 3], 7, 4) == [0, 0, 0, 0, 1, 1, 1]
+    assert recurrence_pattern("cycle", [0, 2, 4], 6, 6) == [0, 1, 2, 0, 1, 2]
+    with pytest.raises(DeltakdError, match="increasing order"):
+        nearest_pattern([3, 0], 6, 6)
+    with pytest.raises(DeltakdError, match="unknown"):
+        recurrence_pattern("spiral", [0, 1], 4, 4)
+
+
+def test_nearest_pattern_student_runs_the_kept_layers_in_depth_order(bert4, batch):
+    student = recurrent_student(bert4, keep=[0, 3], pattern=nearest_pattern([0, 3], 4, 4))
+    assert layer_pattern(student) == [0, 0, 1, 1]
+    reference = copy.deepcopy(bert4)
+    reference.encoder.layer = nn.ModuleList([copy.deepcopy(bert4.encoder.layer[j]) for j in (0, 0, 3, 3)])
+    assert torch.allclose(hidden(student, batch), hidden(reference, batch), atol=1e-6)
+
+
+def test_search_keep_scores_every_subset_and_returns_the_lowest(bert4):
+    # tag each original layer; a score that prefers keeping layers 1 and 3 (0 when both kept)
+    for i, layer in enumerate(bert4.encoder.layer):
+        layer.tag = i
+
+    def score(student):
+        kept = {layer.tag for layer in student.encoder.layer}
+        return len(kept ^ {1, 3})
+
+    best, scored = search_keep(bert4, 2, 4, "nearest", score, progress=False)
+    assert best == [1, 3]
+    assert len(scored) == 6  # C(4, 2)
+    assert sorted(c for c, _ in scored) == [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]]
+    assert dict((tuple(c), v) for c, v in scored)[(0, 2)] == 4
+    # an explicit candidate list is searched as given
+    best, scored = search_keep(bert4, 2, 4, "cycle", score, candidates=[[0, 2], [2, 3]], progress=False)
+    assert best == [2, 3] and len(scored) == 2
 
 
 def test_unroll_gives_plain_model_same_outputs(bert4, batch):

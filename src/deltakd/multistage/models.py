@@ -40,7 +40,7 @@ import copy
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,10 @@ __all__ = [
     "bottleneck_student",
     "compact_state_dict",
     "count_parameters",
+    "block_pattern",
+    "nearest_pattern",
+    "recurrence_pattern",
+    "search_keep",
     "cycle_pattern",
     "export_plain",
     "layer_pattern",
@@ -251,6 +255,72 @@ def cycle_pattern(depth: int, k: int) -> list[int]:
     if not 1 <= k <= depth:
         raise DeltakdError(f"recurrence: need 1 <= distinct layers ({k}) <= depth ({depth})")
     return [i % k for i in range(depth)]
+
+
+def block_pattern(depth: int, k: int) -> list[int]:
+    """``[0, 0, 1, 1, 2, 2]`` for depth 6, k 3: each distinct layer runs a contiguous block of
+    positions (the first blocks one longer when ``k`` does not divide ``depth``), so a kept layer
+    stands in for its neighbours instead of for a layer far from it."""
+    if not 1 <= k <= depth:
+        raise DeltakdError(f"recurrence: need 1 <= distinct layers ({k}) <= depth ({depth})")
+    size, extra = divmod(depth, k)
+    return [j for j in range(k) for _ in range(size + (j < extra))]
+
+
+def nearest_pattern(keep: Sequence[int], depth: int, n_layers: int) -> list[int]:
+    """Position ``i`` of a depth-``depth`` student runs the kept layer closest to where position
+    ``i`` sits in the ``n_layers``-deep original (ties go to the lower layer): keep [0, 3, 5] of 6
+    gives [0, 0, 1, 1, 1, 2], i.e. layers 0 0 3 3 3 5. ``keep`` must be sorted."""
+    keep = list(keep)
+    if keep != sorted(keep) or len(set(keep)) != len(keep):
+        raise DeltakdError(f"recurrence keep {keep}: the nearest order needs distinct layers in increasing order")
+    if not 1 <= len(keep) <= depth:
+        raise DeltakdError(f"recurrence: need 1 <= distinct layers ({len(keep)}) <= depth ({depth})")
+    scale = (n_layers - 1) / (depth - 1) if depth > 1 else 0.0
+    return [min(range(len(keep)), key=lambda j: (abs(keep[j] - i * scale), j)) for i in range(depth)]
+
+
+def recurrence_pattern(order: str, keep: Sequence[int], depth: int, n_layers: int) -> list[int]:
+    """The layer pattern of ``order`` (``cycle`` / ``block`` / ``nearest``) for these kept layers."""
+    k = len(keep)
+    if order == "nearest":
+        return nearest_pattern(keep, depth, n_layers)
+    if order == "block":
+        return block_pattern(depth, k)
+    if order == "cycle":
+        return cycle_pattern(depth, k)
+    raise DeltakdError(f"recurrence order '{order}' is unknown; valid: cycle, block, nearest")
+
+
+def search_keep(
+    pretrained: PreTrainedModel,
+    k: int,
+    depth: int,
+    order: str,
+    score: Callable[[PreTrainedModel], float],
+    candidates: Iterable[Sequence[int]] | None = None,
+    progress: bool = True,
+) -> tuple[list[int], list[tuple[list[int], float]]]:
+    """Try every ``k``-subset of the layers (or ``candidates``) as the kept layers of a recurrent
+    student, untrained, and return the one of lowest ``score`` with all (keep, score) pairs.
+
+    ``score`` is the caller's criterion on a student, e.g. the MSE of its English embeddings to the
+    teacher's on a sample of *training* sentences (never test data)."""
+    from itertools import combinations
+
+    from rich.progress import track
+
+    n = len(_layer_list(pretrained))
+    pool = [sorted(c) for c in (candidates if candidates is not None else combinations(range(n), k))]
+    if not pool:
+        raise DeltakdError(f"recurrence search: no candidate layer subsets (k={k}, {n} layers)")
+    scored = []
+    for keep in track(pool, description=f"recurrence: scoring {len(pool)} layer subsets", disable=not progress):
+        student = recurrent_student(pretrained, keep, depth, recurrence_pattern(order, keep, depth, n))
+        scored.append((list(keep), float(score(student))))
+        del student
+    best = min(scored, key=lambda kv: kv[1])[0]
+    return best, scored
 
 
 def layer_pattern(model: nn.Module) -> list[int] | None:

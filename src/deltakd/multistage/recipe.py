@@ -140,11 +140,19 @@ class BottleneckSpec(Strict):
 
 
 class RecurrenceSpec(Strict):
-    """Stage 3: ``k`` distinct layers (``keep``, or ``k`` evenly spread ones) cycled to ``depth``."""
+    """Stage 3: ``k`` distinct layers (``keep``, ``k`` evenly spread ones, or the best ``k`` by
+    ``search``) reused up to ``depth``: in a cycle (0 1 2 0 1 2), in blocks (0 0 1 1 2 2), or each
+    position running the kept layer nearest its depth (keep 0 3 5 -> layers 0 0 3 3 3 5)."""
 
     keep: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, min_length=1)
     k: int | None = Field(default=None, gt=0)
     depth: int | None = Field(default=None, gt=0, description="default: the model's depth")
+    order: Literal["cycle", "block", "nearest"] = Field(
+        default="cycle", description="cycle: position i runs layer i % k; block: each layer runs a contiguous "
+                                     "block; nearest: position i runs the kept layer closest to depth i")
+    search: bool = Field(default=False, description="with k: choose the kept layers among all k-subsets by the "
+                                                    "untrained student's MSE to the teacher on training sentences")
+    search_sentences: int = Field(default=256, gt=0, description="training sentences the search scores on")
 
     @model_validator(mode="after")
     def _one(self) -> "RecurrenceSpec":
@@ -152,6 +160,8 @@ class RecurrenceSpec(Strict):
             raise ValueError("student.recurrence: give exactly one of keep or k")
         if self.keep is not None and len(set(self.keep)) != len(self.keep):
             raise ValueError(f"student.recurrence.keep: {self.keep} has repeated layers")
+        if self.search and self.keep is not None:
+            raise ValueError("student.recurrence.search: chooses keep itself; give k, not keep")
         if self.depth is not None and self.depth < len(self.keep or [0] * (self.k or 0)):
             raise ValueError("student.recurrence.depth: must be >= the number of distinct layers")
         return self

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 from transformers import TrainingArguments, set_seed
@@ -35,9 +36,9 @@ from ..runs import RunDir, new_run_dir
 from ..runs.rundir import PROVENANCE_KEY
 from ..utils import atomic_write_json, cpu_only
 from .data import HeldoutSplit, ParallelPair, StsSet, heldout_split, read_parallel, read_sts
-from .evaluate import encode_speed, evaluate_multilingual, hf_encoder, st_encoder
+from .evaluate import encode_speed, evaluate_multilingual, hf_encoder, mse_to_teacher, st_encoder
 from .models import (BottleneckEmbedding, bottleneck_student, count_parameters, layer_pattern, load_student,
-                     multistage_spec, recurrent_student, save_student, uses_normalize)
+                     multistage_spec, recurrence_pattern, recurrent_student, search_keep, save_student, uses_normalize)
 from .recipe import MultistageRecipe, load_multistage_recipe, validate
 from .teacher import TeacherEmbeddings, load_teacher, teacher_embeddings
 
@@ -155,8 +156,10 @@ def _start_model(recipe: MultistageRecipe, teacher: Any, init: Path | None) -> t
     return copy.deepcopy(hf), tok
 
 
-def _apply_structure(model: Any, recipe: MultistageRecipe) -> tuple[Any, list[str]]:
-    """This stage's bottleneck and recurrence, where the model does not have them yet."""
+def _apply_structure(model: Any, recipe: MultistageRecipe,
+                     score: Callable[[Any], float] | None = None) -> tuple[Any, list[str]]:
+    """This stage's bottleneck and recurrence, where the model does not have them yet.
+    ``score`` (lower is better) ranks candidate kept layers when ``recurrence.search`` is on."""
     built: list[str] = []
     b = recipe.student.bottleneck
     emb = model.get_input_embeddings()
@@ -178,16 +181,44 @@ def _apply_structure(model: Any, recipe: MultistageRecipe) -> tuple[Any, list[st
         depth = r.depth or n
         k = len(r.keep) if r.keep is not None else r.k
         if current is not None:
-            if len(current) != depth or max(current) + 1 != k:
+            if len(current) != depth or max(current) + 1 != k:  # the order it has is kept
                 raise DeltakdError(f"student.recurrence: k={k}, depth={depth}, but the starting model already "
                                    f"shares layers as {current}")
         else:
             if k > n:
                 raise DeltakdError(f"student.recurrence: k={k} distinct layers but the model has {n}")
-            keep = list(r.keep) if r.keep is not None else every_other(n, k)
-            model = recurrent_student(model, keep, depth)
-            built.append(f"recurrence layers {keep} cycled to depth {depth}")
+            if r.search:
+                if score is None:
+                    raise DeltakdError("student.recurrence.search: no training sentences to score layer subsets on")
+                n_subsets = math.comb(n, k)
+                if n_subsets > MAX_SEARCH:
+                    raise DeltakdError(f"student.recurrence.search: {n_subsets} subsets of {k} among {n} layers "
+                                       f"(more than {MAX_SEARCH}); give keep instead")
+                keep, scored = search_keep(model, k, depth, r.order, score)
+                ranked = ", ".join(f"{c}: {v:.4g}" for c, v in sorted(scored, key=lambda kv: kv[1])[:3])
+                built.append(f"recurrence search over {len(scored)} subsets by MSE to the teacher (best {ranked})")
+            else:
+                keep = list(r.keep) if r.keep is not None else every_other(n, k)
+            pattern = recurrence_pattern(r.order, sorted(keep) if r.order == "nearest" else keep, depth, n)
+            if r.order == "nearest":
+                keep = sorted(keep)
+            model = recurrent_student(model, keep, depth, pattern)
+            built.append(f"recurrence layers {keep} as {pattern} (depth {depth})")
     return model, built
+
+
+MAX_SEARCH = 256  # k-subsets the recurrence search scores at most (6 layers: at most 20)
+
+
+def _search_score(tokenizer: Any, sentences: list[str], targets: Any, normalize: bool,
+                  batch_size: int) -> Callable[[Any], float]:
+    """MSE of an untrained candidate's English embeddings to the teacher's (cached) ones."""
+    want = targets.lookup(sentences)
+
+    def score(student: Any) -> float:
+        return mse_to_teacher(hf_encoder(student, tokenizer, batch_size, normalize=normalize)(sentences), want)
+
+    return score
 
 
 def prepare_stage(recipe: MultistageRecipe, cache: bool = True) -> Stage:
@@ -198,10 +229,6 @@ def prepare_stage(recipe: MultistageRecipe, cache: bool = True) -> Stage:
     init_model, init_run = resolve_init(recipe.init_from, recipe.output_dir) if recipe.init_from else (None, None)
     teacher = load_teacher(recipe.teacher.model, recipe.teacher.max_seq_length)
     student, tokenizer = _start_model(recipe, teacher, init_model)
-    student, built = _apply_structure(student, recipe)
-    student.train()
-    for p in student.parameters():  # a copy of the frozen teacher arrives without gradients
-        p.requires_grad_(True)
     t_dim = teacher.get_embedding_dimension() if hasattr(teacher, "get_embedding_dimension") \
         else teacher.get_sentence_embedding_dimension()
     if student.config.hidden_size != t_dim:
@@ -211,6 +238,15 @@ def prepare_stage(recipe: MultistageRecipe, cache: bool = True) -> Stage:
     normalize = uses_normalize(teacher) if norm == "auto" else norm == "yes"
     english = [p.english for p in (*split.train, *split.heldout, *eval_pairs)]
     targets = teacher_embeddings(teacher, english, batch_size=recipe.eval.batch_size, cache=cache)
+    r = recipe.student.recurrence
+    score = None
+    if r is not None and r.search:
+        sample = list(dict.fromkeys(p.english for p in split.train))[:r.search_sentences]
+        score = _search_score(tokenizer, sample, targets, normalize, recipe.eval.batch_size)
+    student, built = _apply_structure(student, recipe, score)
+    student.train()
+    for p in student.parameters():  # a copy of the frozen teacher arrives without gradients
+        p.requires_grad_(True)
     return Stage(recipe, teacher, tokenizer, student, normalize, split, eval_pairs, sts, targets,
                  init_model, init_run, built)
 
