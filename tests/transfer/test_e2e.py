@@ -154,6 +154,40 @@ def test_target_runs_start_from_the_fused_module_and_rerun_skips(experiment):
     again = run_transfer(path, progress=False)
     assert {r.status for r in again.runs} == {"skipped"}
     assert [r.value for r in again.runs] == [r.value for r in res.runs]
+    # the reuse key names the fusion's inputs, not the fused values (which vary in the last bits
+    # with thread count): a manifest from before (a digest of the fused values) is still reused
+    fused_key = manifest["pos--loss--s2"]["init"]
+    assert fused_key.startswith("fusion:")
+    legacy = json.loads((res.out_dir / "runs.json").read_text())
+    for name, entry in legacy.items():
+        if entry["init"] != "random":
+            entry["init"] = "0" * 64
+    (res.out_dir / "runs.json").write_text(json.dumps(legacy))
+    third = run_transfer(path, progress=False)
+    assert {r.status for r in third.runs} == {"skipped"}
+    assert json.loads((res.out_dir / "runs.json").read_text())["pos--loss--s2"]["init"] == fused_key
+    # ... unless its stored weights differ from today's: then the run is trained again
+    legacy["pos--loss--s2"]["weights"] = [0.9, 0.1]
+    legacy["pos--loss--s2"]["init"] = "0" * 64
+    (res.out_dir / "runs.json").write_text(json.dumps(legacy))
+    fourth = run_transfer(path, progress=False)
+    assert {(r.target, r.start, r.seed) for r in fourth.runs if r.status == "ran"} == {("pos", "loss", 2)}
+
+
+def test_fusion_key_names_the_inputs():
+    from deltakd.transfer.library import SourceModule
+    from deltakd.transfer.run import fusion_key
+
+    a = SourceModule("a", Path("a"), {}, {"w": torch.ones(2, 2)})
+    b = SourceModule("b", Path("b"), {}, {"w": torch.zeros(2, 2)})
+    key = fusion_key("cosine", [a, b], [0.25, 0.75], {"lora": "svd"}, 1)
+    assert key == fusion_key("cosine", [a, b], [0.25, 0.75 + 1e-13], {"lora": "svd"}, 1)
+    b2 = SourceModule("b", Path("b"), {}, {"w": torch.full((2, 2), 1e-7)})
+    assert len({key, fusion_key("cosine", [a, b], [0.3, 0.7], {"lora": "svd"}, 1),
+                fusion_key("cosine", [a, b2], [0.25, 0.75], {"lora": "svd"}, 1),
+                fusion_key("cosine", [a, b], [0.25, 0.75], {"lora": "factors"}, 1),
+                fusion_key("loss", [a, b], [0.25, 0.75], {"lora": "svd"}, 1),
+                fusion_key("cosine", [a, b], [0.25, 0.75], {"lora": "svd"}, 2)}) == 6
 
 
 def test_bad_transfer_recipes_fail_with_one_line_and_write_nothing(tiny_bert, tmp_path):

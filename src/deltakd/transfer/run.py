@@ -27,7 +27,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from rich.console import Console
@@ -40,6 +40,9 @@ from . import estimators as est
 from .fuse import Combine, TransferError, fuse_modules
 from .library import SourceModule, _task_dict, build_module, delta_state, load_delta, source_recipe
 from .recipe import TransferRecipe, load_transfer_recipe
+
+if TYPE_CHECKING:
+    from ..runs import RunDir
 
 FIT = {"loss", "kl", "el2n", "logits_labels"}
 GRADS = {"grand"}
@@ -375,10 +378,15 @@ def run_transfer(recipe: str | Path | TransferRecipe, overrides: Iterable[str] =
                 rec = target_recipe(recipe, target, start, seed)
                 fused = None if start == "random" else fuse_start(recipe, srcs, estimate.weights[start], start,
                                                                   target_labels, seed)
-                init_digest = "random" if fused is None else state_digest(fused)
+                init_digest = "random" if fused is None else \
+                    fusion_key(start, srcs, estimate.weights[start], spec.fusion.model_dump(mode="json"), seed)
                 prev = latest_run(rec.output_dir, name)
-                if (prev is not None and prev.finished and manifest.get(name, {}).get("init") == init_digest
+                if (prev is not None and prev.finished and _same_start(manifest.get(name, {}), init_digest, srcs,
+                                                                     estimate.weights.get(start), prev)
                         and not api._same_recipe(load_run_recipe(prev), rec)):
+                    if manifest[name].get("init") != init_digest:  # an older manifest: record today's key
+                        manifest[name]["init"] = init_digest
+                        atomic_write_json(manifest_path, manifest)
                     results = prev.read_results()
                     runs.append(_target_run(target, start, seed, results, "skipped"))
                     bar.done += 1
@@ -409,6 +417,33 @@ def _target_labels(recipe: TransferRecipe, target: str, seed: int) -> list[str] 
     from ..data import load_task
 
     return list(load_task(target_recipe(recipe, target, "random", seed).task, seed).labels or []) or None
+
+
+def fusion_key(start: str, sources: list[SourceModule], weights: list[float], fusion: dict[str, Any],
+               seed: int) -> str:
+    """What a fused start is made of: the start, each source module's exact stored values, the
+    weights and the fusion settings. Unlike a digest of the fused tensors it does not change with
+    the floating-point rounding of the SVD / matmuls (thread count, BLAS), so a finished target run
+    is reused whenever its inputs are unchanged."""
+    import hashlib
+
+    payload = {"start": start, "sources": [[m.task, state_digest(m.state)] for m in sources],
+               "weights": [round(float(w), 10) for w in weights], "fusion": fusion, "seed": seed}
+    return "fusion:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _same_start(entry: dict[str, Any], key: str, sources: list[SourceModule], weights: list[float] | None,
+                prev: RunDir) -> bool:
+    """Whether a finished target run started from the start ``key`` describes. Manifests written
+    before ``fusion_key`` stored a digest of the fused values; for them the stored sources and
+    weights must match and every source module must be older than the run."""
+    if entry.get("init") == key:
+        return True
+    if key == "random" or str(entry.get("init", "")).startswith("fusion:") or weights is None:
+        return False
+    same = entry.get("sources") == [m.task for m in sources] and entry.get("weights") is not None and \
+        len(entry["weights"]) == len(weights) and all(abs(a - b) < 1e-9 for a, b in zip(entry["weights"], weights))
+    return same and all(m.path.stat().st_mtime < prev.path.stat().st_mtime for m in sources)
 
 
 def state_digest(state: dict[str, Tensor]) -> str:
