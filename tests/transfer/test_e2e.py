@@ -214,3 +214,37 @@ def test_bad_transfer_recipes_fail_with_one_line_and_write_nothing(tiny_bert, tm
         run_transfer(path, ["transfer.tasks.neg.label_column=null", "transfer.tasks.neg.text_columns=null"],
                      progress=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / "lib").exists()
+
+
+@pytest.mark.parametrize("peft", [{"method": "bottleneck", "placement": "pfeiffer", "reduction_factor": 4},
+                                  {"method": "prefix", "num_virtual_tokens": 3}], ids=["bottleneck", "prefix"])
+def test_adapter_and_prefix_modules_transfer_end_to_end(tiny_bert, tmp_path, peft):
+    """The same experiment with bottleneck adapters / prefixes: every start trains, and each fused
+    start is the weighted parameter average of the leave-one-out source modules (heads fresh)."""
+    from safetensors.torch import load_file
+
+    from deltakd.transfer.run import run_transfer
+
+    data = _recipe(tmp_path, tiny_bert)
+    t = data["transfer"]
+    t["peft"] = peft
+    t["fusion"] = {"factor_baseline": False}
+    t["estimate"]["estimators"] = ["cosine", "loss"]
+    t["target"]["seeds"] = [1]
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    res = run_transfer(path, progress=False)
+    assert res.starts == ["random", "uniform", "best_single", "cosine", "loss"]
+    assert {r.status for r in res.runs} == {"ran"} and len(res.runs) == 5
+    assert all(0.0 <= r.value <= 1.0 for r in res.runs)
+    [est] = res.estimates
+    mods = [res.modules[s] for s in est.sources]
+    assert all(m.meta["method"] == peft["method"] for m in mods)
+    for start in ("uniform", "cosine"):
+        fused = load_file(str(res.out_dir / "fused" / f"pos--{start}--s1.safetensors"))
+        assert fused and not any("classifier" in k for k in fused)
+        w = est.weights[start]
+        for key, value in fused.items():
+            want = sum(wi * m.state[key].double() for wi, m in zip(w, mods))
+            torch.testing.assert_close(value.double(), want, atol=1e-6, rtol=1e-5)
+    assert (res.out_dir / "results.md").is_file() and (res.out_dir / "weights.png").is_file()

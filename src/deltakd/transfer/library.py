@@ -72,7 +72,9 @@ def load_delta(model: nn.Module, state: dict[str, Tensor]) -> None:
         if unknown:
             raise TransferError(f"fused module keys the model does not have: {unknown[:3]}")
         result = set_peft_model_state_dict(model, {**current, **state})
-        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        # prompt learning: peft loads prompt_embeddings into the prompt encoder itself, then passes
+        # the same dict to load_state_dict, which lists it as unexpected; the check below verifies it
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) or [] if k != "prompt_embeddings"]
     else:
         result = model.load_state_dict(state, strict=False)
         unexpected = list(result.unexpected_keys)
