@@ -6,8 +6,9 @@ Pre-trains recipes/dialogue/pretrain.yaml on the first ``--pretrain-dialogues`` 
 tunes each method's recipe from it on the first ``--dialogues``, trains the act classifier, then for
 ``--max-contexts`` test contexts asks every model (and the untuned one) for a response with the
 reference's act and prints a markdown table: trainable parameters, training time, response
-perplexity, control accuracy, BLEU, distinct-1/2, empty share; and the classifier's accuracy on
-the reference responses (the ceiling). Writes dialogue_bench.md / .json into --output-dir.
+perplexity, control accuracy, BLEU, distinct-1/2, empty share, act sensitivity (how much lower the
+reference response's NLL is under its own act than under the other three, nats/token; 0: the act is
+ignored); and the classifier's accuracy on the reference responses (the ceiling). Writes dialogue_bench.md / .json into --output-dir.
 
 Size: the defaults (pre-training on all 11,118 train dialogues for 2 epochs, tuning on 1000
 dialogues, ~6.4k response examples, for 2 epochs) took 34 minutes on one CPU thread beside another
@@ -93,8 +94,8 @@ def main() -> None:
         untuned_ppl = _untuned_response_ppl(pre["run_dir"], first, Path(scratch))
 
     head = ("| model | trainable params | trainable % | train time (s) | response ppl (test) | control acc | "
-            "BLEU | distinct-1 | distinct-2 | empty |")
-    lines = [head, "|---" * 10 + "|"]
+            "BLEU | distinct-1 | distinct-2 | empty | act NLL gap | act recovered |")
+    lines = [head, "|---" * 12 + "|"]
     rows = {}
     for name, ev in evals.items():
         run = tuned.get(name)
@@ -107,7 +108,8 @@ def main() -> None:
                       "run_dir": run["run_dir"] if run else pre["run_dir"]}
         lines.append(f"| {name} | {params[0]} | {params[1]} | {params[2]} | {ppl:.2f} | "
                      f"{mm['control_accuracy']:.3f} | {mm['bleu']:.2f} | {mm['distinct_1']:.3f} | "
-                     f"{mm['distinct_2']:.3f} | {mm['empty_rate']:.3f} |")
+                     f"{mm['distinct_2']:.3f} | {mm['empty_rate']:.3f} | {mm['act_nll_gap']:+.4f} | "
+                     f"{mm['act_recovered']:.3f} |")
     ceiling = evals["untuned"]["metrics"]["classifier_accuracy_on_references"]
     acc = cls["metrics"]["test"]["accuracy"]
     n = evals["untuned"]["contexts"]

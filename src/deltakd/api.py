@@ -138,16 +138,18 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 50, greedy:
 def dialogue_eval(run_dir: str | Path, classifier: str | Path, split: str = "test", max_contexts: int | None = None,
                   acts: str = "reference", greedy: bool = True, max_new_tokens: int | None = None,
                   temperature: float = 1.0, top_k: int | None = 50, top_p: float | None = 1.0, seed: int = 0,
-                  batch_size: int = 32) -> dict[str, Any]:
+                  batch_size: int = 32, sensitivity_contexts: int = 100) -> dict[str, Any]:
     """Act-controlled generation of a DailyDialog run judged by an act-classifier run.
 
-    Control accuracy, BLEU, distinct-1/2, empty share and the classifier's accuracy on the
-    references; written to ``<run>/dialogue_eval_<split>.json``. See :mod:`deltakd.dialogue.evaluate`.
+    Control accuracy, BLEU, distinct-1/2, empty share, the classifier's accuracy on the
+    references, and the act sensitivity of the first ``sensitivity_contexts`` contexts (0: skip);
+    written to ``<run>/dialogue_eval_<split>.json``. See :mod:`deltakd.dialogue.evaluate`.
     """
     from .dialogue.evaluate import GenerationSettings, evaluate_dialogue
 
     settings = GenerationSettings(greedy, max_new_tokens, temperature, top_k, top_p, seed, batch_size)
-    return evaluate_dialogue(run_dir, classifier, split, max_contexts, acts, settings)  # type: ignore[arg-type]
+    return evaluate_dialogue(run_dir, classifier, split, max_contexts, acts, settings,  # type: ignore[arg-type]
+                             sensitivity_contexts=sensitivity_contexts)
 
 
 def _is_multistage(path: str | Path) -> bool:

@@ -120,12 +120,15 @@ def dialogue_eval(run_dir: Path = typer.Argument(..., help="A finished DailyDial
                   top_k: int = typer.Option(50, "--top-k", min=0),
                   top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
                   seed: int = typer.Option(0, "--seed"),
-                  batch_size: int = typer.Option(32, "--batch-size", min=1)):
+                  batch_size: int = typer.Option(32, "--batch-size", min=1),
+                  sensitivity: int = typer.Option(100, "--sensitivity-contexts", min=0,
+                                                  help="Contexts scored for act sensitivity (NLL of the reference "
+                                                       "under each act); 0 skips it.")):
     """Generate a response per context for a requested act, classify it, report control accuracy and BLEU."""
     from . import api
 
     res = api.dialogue_eval(run_dir, classifier, split, max_contexts, acts, greedy, max_new_tokens, temperature,
-                            top_k or None, top_p, seed, batch_size)
+                            top_k or None, top_p, seed, batch_size, sensitivity)
     m = res["metrics"]
     table = Table(title=f"{res['name']} [{split}, {res['generations']} generations]")
     keys = ["control_accuracy", "bleu", "distinct_1", "distinct_2", "empty_rate", "classifier_accuracy_on_references"]
@@ -133,6 +136,9 @@ def dialogue_eval(run_dir: Path = typer.Argument(..., help="A finished DailyDial
         table.add_column(k, justify="right")
     table.add_row(*[f"{m[k]:.4f}" for k in keys])
     console.print(table)
+    if "act_nll_gap" in m:
+        console.print(f"act sensitivity: reference NLL {m['act_nll_gap']:+.4f} nats/token lower under its own act "
+                      f"than under the others; own act lowest for {m['act_recovered']:.1%}", highlight=False)
     console.print(f"wrote {res['run_dir']}/dialogue_eval_{split}.json", markup=False, highlight=False)
 
 

@@ -289,3 +289,38 @@ def test_act_task_files_read_back_with_the_classification_readers(sample_train, 
     assert len(utterance_examples(sample_train, dedupe=True)) < len(rows) - 1
     with pytest.raises(DeltakdError, match=r"\.tsv or \.jsonl"):
         write_act_task(rows, tmp_path / "train.csv")
+
+
+class _ActReader(torch.nn.Module):
+    """A fake LM whose response loss is 1.0 when the prompt starts with the 'question' act's
+    tokens and 3.0 otherwise (or a constant 2.0 when ``blind``)."""
+
+    def __init__(self, question_ids: list[int], blind: bool = False) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.question_ids, self.blind = question_ids, blind
+
+    def forward(self, input_ids, attention_mask, labels):
+        from types import SimpleNamespace
+
+        assert (labels != IGNORE_INDEX).any() and input_ids.shape == labels.shape
+        head = input_ids[0, :len(self.question_ids)].tolist()
+        loss = 2.0 if self.blind else (1.0 if head == self.question_ids else 3.0)
+        return SimpleNamespace(loss=torch.tensor(loss))
+
+
+def test_act_sensitivity_measures_how_much_the_act_moves_the_response_nll(dd_tokenizer):
+    from dataclasses import replace
+
+    from deltakd.dialogue.evaluate import act_sensitivity
+
+    fmt = DialogueFormat("first", max_length=128)
+    q_ids = dd_tokenizer("question", add_special_tokens=False)["input_ids"]
+    exs = [EX, replace(EX, act="inform"), replace(EX, act="question")]  # EX asks for a question
+    assert EX.act == "question"
+    reader = act_sensitivity(_ActReader(q_ids), dd_tokenizer, exs, fmt)
+    # question examples: others 3.0 - own 1.0 = +2; the inform one: mean(1, 3, 3) - 3 = -2/3
+    assert reader["act_nll_gap"] == pytest.approx((2 + 2 - 2 / 3) / 3)
+    assert reader["act_recovered"] == pytest.approx(2 / 3)  # the inform one ties with 2 others: not recovered
+    blind = act_sensitivity(_ActReader(q_ids, blind=True), dd_tokenizer, exs, fmt)
+    assert blind == {"act_nll_gap": 0.0, "act_recovered": 0.0}

@@ -157,10 +157,15 @@ def test_dialogue_eval_metrics_match_hand_computation(runs):
     assert saved["metrics"]["bleu"] == pytest.approx(m["bleu"]) and 0 <= m["bleu"] <= 100
     # every act asked of every context: 4 generations per context
     all_acts = api.dialogue_eval(runs["prefix"]["run_dir"], cls_run, max_contexts=3, acts="all")
+    # act sensitivity runs through peft prompt learning too (virtual tokens prepended to the labels)
+    assert 0.0 <= all_acts["metrics"]["act_recovered"] <= 1.0 and math.isfinite(all_acts["metrics"]["act_nll_gap"])
+    assert 0.0 <= m["act_recovered"] <= 1.0 and math.isfinite(m["act_nll_gap"])
     assert all_acts["generations"] == 12 and set(all_acts["metrics"]["control_accuracy_by_act"]) == {
         "inform", "question", "directive", "commissive"}
     # the untuned model (an lm run with the dialogue section) goes through the same evaluator
-    base = api.dialogue_eval(runs["pre"]["run_dir"], cls_run, max_contexts=4, greedy=False, seed=3)
+    base = api.dialogue_eval(runs["pre"]["run_dir"], cls_run, max_contexts=4, greedy=False, seed=3,
+                             sensitivity_contexts=0)
+    assert "act_nll_gap" not in base["metrics"]
     assert base["generations"] == 4 and base["settings"]["greedy"] is False
 
 

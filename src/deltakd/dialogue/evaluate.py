@@ -22,8 +22,8 @@ from ..errors import DeltakdError
 from ..models.delta import META_FILE, count_parameters, load_trained, read_meta
 from ..runs import RunDir, load_run_recipe
 from ..utils import atomic_write_json, atomic_write_text
-from .data import (ACTS, ResponseExample, encode_generation_prompts, model_max_positions,
-                   response_from_generation)
+from .data import (ACTS, DialogueFormat, ResponseExample, encode_generation_prompts, encode_response_example,
+                   model_max_positions, response_from_generation)
 from .metrics import control_accuracy, dialogue_metrics
 
 NO_ACT = "none"  # the label of an empty response
@@ -95,6 +95,36 @@ class ActClassifier:
 
 
 @torch.no_grad()
+def act_sensitivity(model: Any, tokenizer: Any, examples: Sequence[ResponseExample], fmt: DialogueFormat,
+                    acts: Sequence[str] = ACTS) -> dict[str, float]:
+    """Does the model read the act at all? For each example, the reference response's mean
+    per-token NLL under every act (teacher forcing, the training template):
+
+    - ``act_nll_gap``: mean over examples of (mean NLL under the other acts) - NLL under the
+      reference's act, in nats per token; 0 means the act does not change the model's belief;
+    - ``act_recovered``: share of examples whose reference act gives the strictly lowest NLL.
+
+    Unlike control accuracy it does not depend on decoding: a model can shift its distribution
+    towards the act and still greedy-decode the same sentence."""
+    if not examples:
+        return {"act_nll_gap": float("nan"), "act_recovered": float("nan")}
+    device = next(model.parameters()).device
+    gaps, hits = [], 0
+    model.eval()
+    with torch.no_grad():
+        for ex in examples:
+            nll = {}
+            for act in acts:
+                enc = encode_response_example(replace(ex, act=act), tokenizer, fmt)
+                ids = torch.tensor([enc["input_ids"]], device=device)
+                labels = torch.tensor([enc["labels"]], device=device)
+                nll[act] = float(model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss)
+            others = [v for a, v in nll.items() if a != ex.act]
+            gaps.append(sum(others) / len(others) - nll[ex.act])
+            hits += all(nll[ex.act] < v for v in others)
+    return {"act_nll_gap": sum(gaps) / len(gaps), "act_recovered": hits / len(examples)}
+
+
 def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
                        settings: GenerationSettings, max_new_tokens: int) -> list[str]:
     """One response per prompt, decoded up to the first eos.
@@ -142,7 +172,8 @@ def pick_contexts(examples: Sequence[ResponseExample], max_contexts: int | None,
 
 def evaluate_dialogue(run_dir: str | Path, classifier: str | Path | ActClassifier, split: str = "test",
                       max_contexts: int | None = None, acts: Literal["reference", "all"] = "reference",
-                      settings: GenerationSettings = GenerationSettings(), samples: int = 20) -> dict[str, Any]:
+                      settings: GenerationSettings = GenerationSettings(), samples: int = 20,
+                      sensitivity_contexts: int = 100) -> dict[str, Any]:
     """Generate, classify and score a run's causal LM on a DailyDialog split; write the results.
 
     ``run_dir`` is a dialogue run, or an ``lm`` run with a ``task.dialogue`` section (the untuned
@@ -194,6 +225,8 @@ def evaluate_dialogue(run_dir: str | Path, classifier: str | Path | ActClassifie
     metrics["control_accuracy_by_act"] = {
         act: control_accuracy([a for a in asked_acts if a == act], [p for a, p in zip(asked_acts, predicted) if a == act])
         for act in ACTS if act in asked_acts}
+    if sensitivity_contexts:
+        metrics.update(act_sensitivity(model, tokenizer, contexts[:sensitivity_contexts], fmt))
     ref_pred = cls.predict([ex.response for ex in contexts])
     metrics["classifier_accuracy_on_references"] = control_accuracy([ex.act for ex in contexts], ref_pred)
     total, _ = count_parameters(model)
