@@ -393,6 +393,14 @@ def _dump(recipe: MultistageRecipe) -> dict[str, Any]:
     return recipe.model_dump(mode="json")
 
 
+def _same_settings(saved: dict[str, Any] | None, want: dict[str, Any]) -> bool:
+    """Whether a saved recipe would train the same stage: equal except the free-text description."""
+    if saved is None:
+        return False
+    return {k: v for k, v in saved.items() if k != "description"} == \
+        {k: v for k, v in want.items() if k != "description"}
+
+
 def _saved_recipe(run: RunDir) -> dict[str, Any] | None:
     try:
         data = yaml.safe_load(run.recipe_file.read_text(encoding="utf-8")) or {}
@@ -431,7 +439,7 @@ def train_recipe(recipe: str | Path | MultistageRecipe, overrides: Iterable[str]
         recipe = load_multistage_recipe(recipe, overrides)
     run: RunDir | None = None
     if resume:
-        same = [r for r in _runs(recipe) if not r.finished and _saved_recipe(r) == _dump(recipe)]
+        same = [r for r in _runs(recipe) if not r.finished and _same_settings(_saved_recipe(r), _dump(recipe))]
         if not same:
             raise DeltakdError(f"--resume: no unfinished run of '{recipe.name}' with this recipe under "
                                f"'{recipe.output_dir}'")
@@ -508,7 +516,7 @@ def run_pipeline(recipes: Iterable[str | Path], overrides: Iterable[str] = (), i
 def _pipeline_stage(recipe: MultistageRecipe, test: bool, force: bool) -> StageOutcome:
     want = _dump(recipe)
     upstream = _init_key(recipe)
-    same = [r for r in _runs(recipe) if _saved_recipe(r) == want]
+    same = [r for r in _runs(recipe) if _same_settings(_saved_recipe(r), want)]
     if not force:
         for run in reversed(same):
             if not run.finished:
