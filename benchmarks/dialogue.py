@@ -47,6 +47,18 @@ def _untuned_response_ppl(pretrain_dir: str, tuned_recipe, scratch: Path) -> flo
     return math.exp(min(m["loss"], 50.0))
 
 
+def _pooled_ppl(runs: dict) -> float:
+    """exp of the example-weighted mean test loss of per-act runs (each scored on its act's responses)."""
+    import math
+
+    total = tokens = 0.0
+    for r in runs.values():
+        n = r["examples"]["test"]
+        total += math.log(r["metrics"]["test"]["perplexity"]) * n
+        tokens += n
+    return math.exp(total / tokens)
+
+
 def main() -> None:
     from deltakd import api
     from deltakd.recipe import load_recipe
@@ -66,6 +78,11 @@ def main() -> None:
     ap.add_argument("--max-contexts", type=int, default=300, help="test contexts generated for")
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--per-act", nargs="*", default=[], choices=METHODS,
+                    help="also train these methods as a run per act (task.dialogue.only_acts; per-act prompts / "
+                         "prefixes), evaluated together: row '<method> per act'")
+    ap.add_argument("--pretrained", default=None,
+                    help="reuse this finished pre-training run (recipes/dialogue/pretrain.yaml) instead of training one")
     ap.add_argument("--data-dir", default=None, help="DailyDialog folder (default: the recipes')")
     ap.add_argument("--output-dir", default="runs/dialogue_bench")
     ap.add_argument("--set", dest="sets", nargs="*", default=[], help="extra dotted overrides for every LM recipe")
@@ -76,8 +93,9 @@ def main() -> None:
         ([f"task.data_dir={a.data_dir}"] if a.data_dir else [])
     t0 = time.time()
     cls = RunDir(Path(a.classifier)).read_results() if a.classifier else None  # checked before any training
-    pre = api.train(recipes / "pretrain.yaml", [*common, f"task.dialogue.max_dialogues={a.pretrain_dialogues or 'null'}",
-                                                 f"train.epochs={a.pretrain_epochs}", *a.sets])
+    pre = RunDir(Path(a.pretrained)).read_results() if a.pretrained else \
+        api.train(recipes / "pretrain.yaml", [*common, f"task.dialogue.max_dialogues={a.pretrain_dialogues or 'null'}",
+                                              f"train.epochs={a.pretrain_epochs}", *a.sets])
     if cls is None:
         cls = api.train(recipes / "act_classifier.yaml", [*common, f"task.dialogue.max_dialogues={a.classifier_dialogues}",
                                                           f"train.epochs={a.classifier_epochs}"])
@@ -85,10 +103,26 @@ def main() -> None:
     for m in a.methods:
         tuned[m] = api.train(recipes / f"{m}.yaml",
                              [*common, f"model.name={pre['run_dir']}", f"train.epochs={a.epochs}", *a.sets])
+    from deltakd.dialogue.data import ACTS
+
+    for m in a.per_act:
+        runs = {act: api.train(recipes / f"{m}.yaml", [*common, f"model.name={pre['run_dir']}",
+                                                        f"train.epochs={a.epochs}", f"task.dialogue.only_acts=[{act}]",
+                                                        f"name=dialogue-{m}-{act}", *a.sets]) for act in ACTS}
+        first_run = runs[ACTS[0]]
+        tuned[f"{m} per act"] = {
+            "run_dir": {act: r["run_dir"] for act, r in runs.items()},
+            "params": {"trainable": sum(r["params"]["trainable"] for r in runs.values()),
+                       "trainable_pct": sum(r["params"]["trainable_pct"] for r in runs.values())},
+            "train_runtime_s": sum(r["train_runtime_s"] for r in runs.values()),
+            # response perplexity over every act's test responses: example-weighted across the runs
+            "metrics": {"test": {"perplexity": _pooled_ppl(runs)}}, "per_act_runs": runs, "first": first_run}
     gen = dict(max_contexts=a.max_contexts, max_new_tokens=a.max_new_tokens)
     evals = {"untuned": api.dialogue_eval(pre["run_dir"], cls["run_dir"], **gen)}
     for m, r in tuned.items():
-        evals[m] = api.dialogue_eval(r["run_dir"], cls["run_dir"], **gen)
+        routed = isinstance(r["run_dir"], dict)
+        evals[m] = api.dialogue_eval(r["run_dir"], cls["run_dir"], **gen,
+                                     out_dir=Path(a.output_dir) / m.replace(" ", "-") if routed else None)
     first = load_recipe(recipes / f"{a.methods[0]}.yaml", [*common, f"model.name={pre['run_dir']}", *a.sets])
     with tempfile.TemporaryDirectory() as scratch:
         untuned_ppl = _untuned_response_ppl(pre["run_dir"], first, Path(scratch))

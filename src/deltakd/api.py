@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
@@ -135,21 +135,24 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 50, greedy:
     return [tokenizer.decode(seq[start:], skip_special_tokens=True) for seq in out]
 
 
-def dialogue_eval(run_dir: str | Path, classifier: str | Path, split: str = "test", max_contexts: int | None = None,
-                  acts: str = "reference", greedy: bool = True, max_new_tokens: int | None = None,
-                  temperature: float = 1.0, top_k: int | None = 50, top_p: float | None = 1.0, seed: int = 0,
-                  batch_size: int = 32, sensitivity_contexts: int = 100) -> dict[str, Any]:
+def dialogue_eval(run_dir: str | Path | Mapping[str, str | Path], classifier: str | Path, split: str = "test",
+                  max_contexts: int | None = None, acts: str = "reference", greedy: bool = True,
+                  max_new_tokens: int | None = None, temperature: float = 1.0, top_k: int | None = 50,
+                  top_p: float | None = 1.0, seed: int = 0, batch_size: int = 32, sensitivity_contexts: int = 100,
+                  out_dir: str | Path | None = None) -> dict[str, Any]:
     """Act-controlled generation of a DailyDialog run judged by an act-classifier run.
 
     Control accuracy, BLEU, distinct-1/2, empty share, the classifier's accuracy on the
     references, and the act sensitivity of the first ``sensitivity_contexts`` contexts (0: skip);
-    written to ``<run>/dialogue_eval_<split>.json``. See :mod:`deltakd.dialogue.evaluate`.
+    written to ``<run>/dialogue_eval_<split>.json`` (or ``out_dir``). ``run_dir`` may map each act
+    to a run trained with ``task.dialogue.only_acts`` (per-act prompts / prefixes; needs ``out_dir``).
+    See :mod:`deltakd.dialogue.evaluate`.
     """
     from .dialogue.evaluate import GenerationSettings, evaluate_dialogue
 
     settings = GenerationSettings(greedy, max_new_tokens, temperature, top_k, top_p, seed, batch_size)
     return evaluate_dialogue(run_dir, classifier, split, max_contexts, acts, settings,  # type: ignore[arg-type]
-                             sensitivity_contexts=sensitivity_contexts)
+                             sensitivity_contexts=sensitivity_contexts, out_dir=out_dir)
 
 
 def _is_multistage(path: str | Path) -> bool:

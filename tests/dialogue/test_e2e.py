@@ -277,3 +277,52 @@ def test_a_plain_model_folder_loads_like_a_hub_id(runs, tmp_path):
 def test_eval_of_the_pretrained_dialogue_lm_reads_the_same_text(runs):
     again = api.evaluate(runs["pre"]["run_dir"], "test")
     assert again["loss"] == pytest.approx(runs["pre"]["metrics"]["test"]["loss"], rel=1e-4)
+
+
+def test_a_prefix_per_act_trains_on_its_act_and_answers_for_it(runs):
+    """only_acts keeps one act's response turns (every split); dialogue_eval with a run per act
+    asks each act's run for that act's responses, over the whole split."""
+    tmp = runs["tmp"]
+    from deltakd.dialogue.data import ACTS
+
+    per_act = {}
+    for act in ACTS:
+        path = write_recipe(tmp / f"pa-{act}.yaml", (tmp / "prefix.yaml").read_text()
+                            .replace("name: prefix", f"name: prefix-{act}")
+                            .replace("max_eval_dialogues: 10", f"max_eval_dialogues: 10, only_acts: [{act}]")
+                            .replace("epochs: 4", "epochs: 1"))
+        per_act[act] = api.train(path)
+        n_train = per_act[act]["examples"]["train"]
+        assert 0 < n_train < runs["prefix"]["examples"]["train"]
+    assert sum(r["examples"]["train"] for r in per_act.values()) == runs["prefix"]["examples"]["train"]
+    cls = runs["acts"]["run_dir"]
+    out = tmp / "per-act-eval"
+    routed = api.dialogue_eval({a: r["run_dir"] for a, r in per_act.items()}, cls, out_dir=out,
+                               sensitivity_contexts=3)
+    rows = [json.loads(x) for x in (out / "dialogue_generations_test.jsonl").read_text().splitlines()]
+    assert routed["contexts"] == len(rows) == runs_contexts(runs)  # the whole split, every act
+    assert {r["act"] for r in rows} == set(ACTS)
+    assert routed["method"] == "prefix (a run per act)" and set(routed["run_dir"]) == set(ACTS)
+    assert math.isfinite(routed["metrics"]["act_nll_gap"])
+    # a response asked for act a is what a's run alone generates for that context
+    for act in ACTS:
+        alone = api.dialogue_eval(per_act[act]["run_dir"], cls, sensitivity_contexts=0)
+        own = [json.loads(x) for x in (Path(per_act[act]["run_dir"]) / "dialogue_generations_test.jsonl")
+               .read_text().splitlines()]
+        assert alone["contexts"] == len(own) and all(r["act"] == act for r in own)
+        mine = {(r["dialogue"], r["turn"]): r["response"] for r in rows if r["act"] == act}
+        assert mine == {(r["dialogue"], r["turn"]): r["response"] for r in own}
+    with pytest.raises(DeltakdError, match="needs an output folder"):
+        api.dialogue_eval({a: r["run_dir"] for a, r in per_act.items()}, cls)
+    with pytest.raises(DeltakdError, match="exactly the acts"):
+        api.dialogue_eval({"question": per_act["question"]["run_dir"]}, cls, out_dir=out)
+    with pytest.raises(DeltakdError, match="trained on acts"):
+        api.dialogue_eval({**{a: r["run_dir"] for a, r in per_act.items()},
+                           "inform": per_act["question"]["run_dir"]}, cls, out_dir=out)
+
+
+def runs_contexts(runs) -> int:
+    from deltakd.dialogue.tasks import response_split
+    from deltakd.runs import RunDir, load_run_recipe
+
+    return len(response_split(load_run_recipe(RunDir(Path(runs["prefix"]["run_dir"]))).task, "test"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -105,26 +105,30 @@ def act_sensitivity(model: Any, tokenizer: Any, examples: Sequence[ResponseExamp
     - ``act_recovered``: share of examples whose reference act gives the strictly lowest NLL.
 
     Unlike control accuracy it does not depend on decoding: a model can shift its distribution
-    towards the act and still greedy-decode the same sentence."""
+    towards the act and still greedy-decode the same sentence. ``model`` may map each act to its
+    own model (per-act prompts): the NLL under act ``a`` is then ``a``'s model's."""
     if not examples:
         return {"act_nll_gap": float("nan"), "act_recovered": float("nan")}
-    device = next(model.parameters()).device
+    models = model if isinstance(model, Mapping) else {act: model for act in acts}
     gaps, hits = [], 0
-    model.eval()
     with torch.no_grad():
         for ex in examples:
             nll = {}
             for act in acts:
+                lm = models[act]
+                lm.eval()
+                device = next(lm.parameters()).device
                 enc = encode_response_example(replace(ex, act=act), tokenizer, fmt)
                 ids = torch.tensor([enc["input_ids"]], device=device)
                 labels = torch.tensor([enc["labels"]], device=device)
-                nll[act] = float(model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss)
+                nll[act] = float(lm(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss)
             others = [v for a, v in nll.items() if a != ex.act]
             gaps.append(sum(others) / len(others) - nll[ex.act])
             hits += all(nll[ex.act] < v for v in others)
     return {"act_nll_gap": sum(gaps) / len(gaps), "act_recovered": hits / len(examples)}
 
 
+@torch.no_grad()
 def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
                        settings: GenerationSettings, max_new_tokens: int) -> list[str]:
     """One response per prompt, decoded up to the first eos.
@@ -170,22 +174,20 @@ def pick_contexts(examples: Sequence[ResponseExample], max_contexts: int | None,
     return [examples[i] for i in keep]
 
 
-def evaluate_dialogue(run_dir: str | Path, classifier: str | Path | ActClassifier, split: str = "test",
-                      max_contexts: int | None = None, acts: Literal["reference", "all"] = "reference",
-                      settings: GenerationSettings = GenerationSettings(), samples: int = 20,
-                      sensitivity_contexts: int = 100) -> dict[str, Any]:
-    """Generate, classify and score a run's causal LM on a DailyDialog split; write the results.
+@dataclass
+class _LM:
+    run: RunDir
+    recipe: Any
+    meta: dict[str, Any]
+    model: Any
+    tokenizer: Any
+    fmt: DialogueFormat
 
-    ``run_dir`` is a dialogue run, or an ``lm`` run with a ``task.dialogue`` section (the untuned
-    pre-trained model), or a run-name folder (its newest finished run). Writes
-    ``dialogue_eval_<split>.json`` (metrics, settings, the first ``samples`` generations) and
-    ``dialogue_generations_<split>.jsonl`` (every generation) into the run, atomically.
-    """
-    from .tasks import dialogue_format, response_split
+
+def _load_lm(run_dir: str | Path) -> _LM:
+    from .tasks import dialogue_format
     from .train import virtual_tokens
 
-    if acts not in ("reference", "all"):
-        raise DeltakdError(f"acts '{acts}' is unknown; valid: reference, all")
     model_dir = _model_dir(run_dir, "run")
     meta = read_meta(model_dir)
     if meta["problem_type"] != "causal_lm":
@@ -194,25 +196,80 @@ def evaluate_dialogue(run_dir: str | Path, classifier: str | Path | ActClassifie
     recipe = load_run_recipe(run)
     if recipe.task.dialogue is None:
         raise DeltakdError(f"'{run.path}': its recipe has no task.dialogue section (not a DailyDialog run)")
-    cls = classifier if isinstance(classifier, ActClassifier) else ActClassifier(classifier)
-    started = time.time()
     model, tokenizer = load_trained(model_dir)
     model.to(_device())
-    positions = model_max_positions(model.config)
+    model.eval()
     virtual = virtual_tokens(recipe) if recipe.task.kind == "dialogue" else 0
-    fmt = dialogue_format(recipe.task, virtual, positions)
+    fmt = dialogue_format(recipe.task, virtual, model_max_positions(model.config))
+    return _LM(run, recipe, meta, model, tokenizer, fmt)
+
+
+def _routed(run_dir: str | Path | Mapping[str, str | Path]) -> dict[str | None, _LM]:
+    """One LM (key None), or one per act for per-act prompts / prefixes (``only_acts`` runs)."""
+    if not isinstance(run_dir, Mapping):
+        return {None: _load_lm(run_dir)}
+    if set(run_dir) != set(ACTS):
+        raise DeltakdError(f"a run per act needs exactly the acts {list(ACTS)}, got {sorted(run_dir)}")
+    lms: dict[str | None, _LM] = {act: _load_lm(run_dir[act]) for act in ACTS}
+    first = lms[ACTS[0]]
+    for act, lm in lms.items():
+        only = lm.recipe.task.dialogue.only_acts
+        if only is not None and act not in only:
+            raise DeltakdError(f"'{lm.run.path}' was trained on acts {only}, not '{act}'")
+        if (lm.fmt.act_position, lm.fmt.max_length, lm.fmt.max_response_tokens) != \
+                (first.fmt.act_position, first.fmt.max_length, first.fmt.max_response_tokens) or \
+                lm.tokenizer.get_vocab() != first.tokenizer.get_vocab():
+            raise DeltakdError(f"the per-act runs differ in example format or tokenizer ('{lm.run.path}' vs "
+                               f"'{first.run.path}')")
+    return lms
+
+
+def evaluate_dialogue(run_dir: str | Path | Mapping[str, str | Path], classifier: str | Path | ActClassifier,
+                      split: str = "test", max_contexts: int | None = None,
+                      acts: Literal["reference", "all"] = "reference",
+                      settings: GenerationSettings = GenerationSettings(), samples: int = 20,
+                      sensitivity_contexts: int = 100, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Generate, classify and score a run's causal LM on a DailyDialog split; write the results.
+
+    ``run_dir`` is a dialogue run, or an ``lm`` run with a ``task.dialogue`` section (the untuned
+    pre-trained model), or a run-name folder (its newest finished run); or a mapping act -> run
+    (per-act prompts / prefixes, each trained with ``only_acts``): a response asked for act ``a``
+    comes from ``a``'s run, and the contexts are the whole split. Writes
+    ``dialogue_eval_<split>.json`` (metrics, settings, the first ``samples`` generations) and
+    ``dialogue_generations_<split>.jsonl`` (every generation) into the run (or ``out_dir``, needed
+    for a run per act), atomically.
+    """
+    from .tasks import response_split
+
+    if acts not in ("reference", "all"):
+        raise DeltakdError(f"acts '{acts}' is unknown; valid: reference, all")
+    if isinstance(run_dir, Mapping) and out_dir is None:
+        raise DeltakdError("dialogue-eval with a run per act needs an output folder (out_dir)")
+    lms = _routed(run_dir)
+    lm0 = next(iter(lms.values()))
+    recipe, fmt = lm0.recipe, lm0.fmt
+    task = recipe.task
+    if None not in lms:  # per-act runs: contexts of every act
+        task = task.model_copy(update={"dialogue": task.dialogue.model_copy(update={"only_acts": None})})
+    cls = classifier if isinstance(classifier, ActClassifier) else ActClassifier(classifier)
+    started = time.time()
     new_tokens = settings.max_new_tokens or fmt.max_response_tokens + 1
     if new_tokens + 2 > fmt.max_length:
         raise DeltakdError(f"max_new_tokens {new_tokens} leaves no room for a prompt in max_length {fmt.max_length}")
-    contexts = pick_contexts(response_split(recipe.task, split), max_contexts, settings.seed)
+    contexts = pick_contexts(response_split(task, split), max_contexts, settings.seed)
     if not contexts:
         raise DeltakdError(f"split '{split}' has no response turns")
     asked = [(ex, ex.act) for ex in contexts] if acts == "reference" else \
         [(ex, act) for ex in contexts for act in ACTS]
-    queries = [replace(ex, act=act) for ex, act in asked]
-    prompts = encode_generation_prompts(queries, tokenizer, replace(fmt, max_response_tokens=new_tokens - 1))
-    model.eval()
-    responses = generate_responses(model, tokenizer, prompts, settings, new_tokens)
+    responses: list[str] = [""] * len(asked)
+    for key, lm in lms.items():
+        idx = [i for i, (_, a) in enumerate(asked) if key is None or a == key]
+        if not idx:
+            continue
+        queries = [replace(asked[i][0], act=asked[i][1]) for i in idx]
+        prompts = encode_generation_prompts(queries, lm.tokenizer, replace(lm.fmt, max_response_tokens=new_tokens - 1))
+        for i, r in zip(idx, generate_responses(lm.model, lm.tokenizer, prompts, settings, new_tokens)):
+            responses[i] = r
     gen_seconds = time.time() - started
     predicted = cls.predict(responses)
     asked_acts = [a for _, a in asked]
@@ -226,14 +283,16 @@ def evaluate_dialogue(run_dir: str | Path, classifier: str | Path | ActClassifie
         act: control_accuracy([a for a in asked_acts if a == act], [p for a, p in zip(asked_acts, predicted) if a == act])
         for act in ACTS if act in asked_acts}
     if sensitivity_contexts:
-        metrics.update(act_sensitivity(model, tokenizer, contexts[:sensitivity_contexts], fmt))
+        models = lm0.model if None in lms else {act: lm.model for act, lm in lms.items()}
+        metrics.update(act_sensitivity(models, lm0.tokenizer, contexts[:sensitivity_contexts], fmt))
     ref_pred = cls.predict([ex.response for ex in contexts])
     metrics["classifier_accuracy_on_references"] = control_accuracy([ex.act for ex in contexts], ref_pred)
-    total, _ = count_parameters(model)
+    total, _ = count_parameters(lm0.model)
+    out = Path(out_dir) if out_dir is not None else lm0.run.path
     result = {
-        "run_dir": str(run.path),
-        "name": recipe.name,
-        "method": meta.get("method"),
+        "run_dir": str(lm0.run.path) if None in lms else {act: str(lm.run.path) for act, lm in lms.items()},
+        "name": recipe.name if None in lms else "+".join(dict.fromkeys(lm.recipe.name for lm in lms.values())),
+        "method": lm0.meta.get("method") if None in lms else f"{lm0.meta.get('method')} (a run per act)",
         "classifier": str(cls.path),
         "split": split,
         "acts": acts,
@@ -252,6 +311,6 @@ def evaluate_dialogue(run_dir: str | Path, classifier: str | Path | ActClassifie
 
     lines = [json.dumps({"dialogue": ex.dialogue, "turn": ex.turn, "act": a, "response": r, "predicted": p,
                          "reference": ex.response}, ensure_ascii=False) for (ex, a), r, p in zip(asked, responses, predicted)]
-    atomic_write_text(run.path / f"dialogue_generations_{split}.jsonl", "\n".join(lines) + "\n")
-    atomic_write_json(run.path / f"dialogue_eval_{split}.json", result)
+    atomic_write_text(out / f"dialogue_generations_{split}.jsonl", "\n".join(lines) + "\n")
+    atomic_write_json(out / f"dialogue_eval_{split}.json", result)
     return result

@@ -58,8 +58,13 @@ def dialogue_format(cfg: TaskConfig, virtual_tokens: int = 0, positions: int | N
 
 
 def response_split(cfg: TaskConfig, split: str) -> list[ResponseExample]:
-    """One example per response turn of a split, with the last ``context_turns`` turns as context."""
-    return response_examples(read_split(cfg, split), options(cfg).context_turns)
+    """One example per response turn of a split, with the last ``context_turns`` turns as context
+    (only the turns whose act is in ``only_acts`` when that is set)."""
+    opt = options(cfg)
+    examples = response_examples(read_split(cfg, split), opt.context_turns)
+    if opt.only_acts:
+        examples = [ex for ex in examples if ex.act in opt.only_acts]
+    return examples
 
 
 def lm_texts(cfg: TaskConfig) -> dict[str, list[str]]:

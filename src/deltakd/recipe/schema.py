@@ -52,6 +52,10 @@ class DialogueOptions(Strict):
     max_dialogues: int | None = Field(default=None, gt=0, description="use the first N train dialogues")
     max_eval_dialogues: int | None = Field(default=None, gt=0, description="the first N valid/test dialogues")
     short_labels: Literal["drop_dialogue", "drop_last_turn"] = "drop_dialogue"
+    only_acts: list[Literal["inform", "question", "directive", "commissive"]] | None = Field(
+        default=None, min_length=1,
+        description="dialogue kind: keep only response turns with these acts (every split); one run per act "
+                    "gives per-act prompts / prefixes, evaluated together by dialogue_eval with a run per act")
 
 
 class TaskConfig(Strict):
