@@ -13,6 +13,9 @@ ignored); and the classifier's accuracy on the reference responses (the ceiling)
 Size: the defaults (pre-training on all 11,118 train dialogues for 2 epochs, tuning on 1000
 dialogues, ~6.4k response examples, for 2 epochs) took 34 minutes on one CPU thread beside another
 job, reusing a finished act classifier (--classifier RUN); training it adds ~2.5 minutes.
+With --per-act prefix prompt --dialogues 2000 (reusing that LM and classifier: --pretrained RUN
+--classifier RUN) it took 32 minutes on 2 threads: control accuracy untuned 0.410, full 0.650,
+LoRA 0.643, prefix 0.410, prompt 0.410, prefix per act 0.537, prompt per act 0.457.
 A tiny check: --dialogues 30 --eval-dialogues 5 --pretrain-epochs 1 --epochs 1 --classifier-dialogues 30
 --classifier-epochs 1 --max-contexts 10
 """
