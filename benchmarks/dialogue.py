@@ -54,12 +54,12 @@ def _pooled_ppl(runs: dict) -> float:
     """exp of the example-weighted mean test loss of per-act runs (each scored on its act's responses)."""
     import math
 
-    total = tokens = 0.0
+    total = examples = 0.0
     for r in runs.values():
         n = r["examples"]["test"]
         total += math.log(r["metrics"]["test"]["perplexity"]) * n
-        tokens += n
-    return math.exp(total / tokens)
+        examples += n
+    return math.exp(total / examples)
 
 
 def main() -> None:
@@ -112,14 +112,13 @@ def main() -> None:
         runs = {act: api.train(recipes / f"{m}.yaml", [*common, f"model.name={pre['run_dir']}",
                                                         f"train.epochs={a.epochs}", f"task.dialogue.only_acts=[{act}]",
                                                         f"name=dialogue-{m}-{act}", *a.sets]) for act in ACTS}
-        first_run = runs[ACTS[0]]
         tuned[f"{m} per act"] = {
             "run_dir": {act: r["run_dir"] for act, r in runs.items()},
             "params": {"trainable": sum(r["params"]["trainable"] for r in runs.values()),
                        "trainable_pct": sum(r["params"]["trainable_pct"] for r in runs.values())},
             "train_runtime_s": sum(r["train_runtime_s"] for r in runs.values()),
             # response perplexity over every act's test responses: example-weighted across the runs
-            "metrics": {"test": {"perplexity": _pooled_ppl(runs)}}, "per_act_runs": runs, "first": first_run}
+            "metrics": {"test": {"perplexity": _pooled_ppl(runs)}}}
     gen = dict(max_contexts=a.max_contexts, max_new_tokens=a.max_new_tokens)
     evals = {"untuned": api.dialogue_eval(pre["run_dir"], cls["run_dir"], **gen)}
     for m, r in tuned.items():

@@ -110,21 +110,21 @@ def act_sensitivity(model: Any, tokenizer: Any, examples: Sequence[ResponseExamp
     if not examples:
         return {"act_nll_gap": float("nan"), "act_recovered": float("nan")}
     models = model if isinstance(model, Mapping) else {act: model for act in acts}
+    for lm in models.values():
+        lm.eval()
     gaps, hits = [], 0
-    with torch.no_grad():
-        for ex in examples:
-            nll = {}
-            for act in acts:
-                lm = models[act]
-                lm.eval()
-                device = next(lm.parameters()).device
-                enc = encode_response_example(replace(ex, act=act), tokenizer, fmt)
-                ids = torch.tensor([enc["input_ids"]], device=device)
-                labels = torch.tensor([enc["labels"]], device=device)
-                nll[act] = float(lm(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss)
-            others = [v for a, v in nll.items() if a != ex.act]
-            gaps.append(sum(others) / len(others) - nll[ex.act])
-            hits += all(nll[ex.act] < v for v in others)
+    for ex in examples:
+        nll = {}
+        for act in acts:
+            lm = models[act]
+            device = next(lm.parameters()).device
+            enc = encode_response_example(replace(ex, act=act), tokenizer, fmt)
+            ids = torch.tensor([enc["input_ids"]], device=device)
+            labels = torch.tensor([enc["labels"]], device=device)
+            nll[act] = float(lm(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss)
+        others = [v for a, v in nll.items() if a != ex.act]
+        gaps.append(sum(others) / len(others) - nll[ex.act])
+        hits += all(nll[ex.act] < v for v in others)
     return {"act_nll_gap": sum(gaps) / len(gaps), "act_recovered": hits / len(examples)}
 
 

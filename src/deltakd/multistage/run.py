@@ -199,9 +199,9 @@ def _apply_structure(model: Any, recipe: MultistageRecipe,
                 built.append(f"recurrence search over {len(scored)} subsets by MSE to the teacher (best {ranked})")
             else:
                 keep = list(r.keep) if r.keep is not None else every_other(n, k)
-            pattern = recurrence_pattern(r.order, sorted(keep) if r.order == "nearest" else keep, depth, n)
-            if r.order == "nearest":
+            if r.order == "nearest":  # the nearest order reads the kept layers by depth
                 keep = sorted(keep)
+            pattern = recurrence_pattern(r.order, keep, depth, n)
             model = recurrent_student(model, keep, depth, pattern)
             built.append(f"recurrence layers {keep} as {pattern} (depth {depth})")
     return model, built

@@ -376,9 +376,7 @@ def run_transfer(recipe: str | Path | TransferRecipe, overrides: Iterable[str] =
             for start in starts:
                 name = run_name(target, start, seed)
                 rec = target_recipe(recipe, target, start, seed)
-                fused = None if start == "random" else fuse_start(recipe, srcs, estimate.weights[start], start,
-                                                                  target_labels, seed)
-                init_digest = "random" if fused is None else \
+                init_digest = "random" if start == "random" else \
                     fusion_key(start, srcs, estimate.weights[start], spec.fusion.model_dump(mode="json"), seed)
                 prev = latest_run(rec.output_dir, name)
                 if (prev is not None and prev.finished and _same_start(manifest.get(name, {}), init_digest, srcs,
@@ -392,6 +390,9 @@ def run_transfer(recipe: str | Path | TransferRecipe, overrides: Iterable[str] =
                     bar.done += 1
                     continue
                 bar.note(f"training {name}")
+                # fused only for a run that trains: the reuse key above names the inputs, not the result
+                fused = None if start == "random" else fuse_start(recipe, srcs, estimate.weights[start], start,
+                                                                  target_labels, seed)
                 if fused is not None:
                     _save_fused(root / "fused" / f"{name}.safetensors", fused)
                 results = api.train(rec, init=None if fused is None else _loader(fused))
