@@ -41,9 +41,12 @@ def _untuned_response_ppl(pretrain_dir: str, tuned_recipe, scratch: Path) -> flo
 
     from deltakd import engine
     from deltakd.dialogue.data import DialogueCollator
+    from deltakd.dialogue.train import add_act_tokens
     from deltakd.models.delta import load_trained
 
     model, tok = load_trained(Path(pretrain_dir) / "model")
+    if tuned_recipe.task.dialogue.act_tokens:  # the untuned act tokens: the act words' mean embedding
+        add_act_tokens(model, tok)
     task, data = engine.eval_data(tuned_recipe, tok)
     m = engine.evaluate_model(model, tok, data["test"], task, tuned_recipe.train.eval_batch_size, scratch,
                               collator=DialogueCollator(tok.pad_token_id))
@@ -120,7 +123,11 @@ def main() -> None:
             # response perplexity over every act's test responses: example-weighted across the runs
             "metrics": {"test": {"perplexity": _pooled_ppl(runs)}}}
     gen = dict(max_contexts=a.max_contexts, max_new_tokens=a.max_new_tokens)
-    evals = {"untuned": api.dialogue_eval(pre["run_dir"], cls["run_dir"], **gen)}
+    # the untuned LM is asked exactly as the tuned runs are (their act position, act tokens, contexts)
+    template = next((r["run_dir"] if isinstance(r["run_dir"], str) else next(iter(r["run_dir"].values()))
+                     for r in tuned.values()), None)
+    evals = {"untuned": api.dialogue_eval(pre["run_dir"], cls["run_dir"], **gen, template_from=template,
+                                          out_dir=Path(a.output_dir) / "untuned")}
     for m, r in tuned.items():
         routed = isinstance(r["run_dir"], dict)
         evals[m] = api.dialogue_eval(r["run_dir"], cls["run_dir"], **gen,

@@ -109,10 +109,9 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 50, greedy:
              temperature: float = 1.0, top_k: int | None = 50, top_p: float | None = None, seed: int = 0,
              num_return_sequences: int = 1) -> list[str]:
     """Continue ``prompt`` with a run's causal LM (sampling unless ``greedy``)."""
-    import torch
     from transformers import set_seed
 
-    from .models.delta import find_model_dir, load_trained, read_meta
+    from .models.delta import find_model_dir, generate_new_tokens, load_trained, read_meta, virtual_token_count
 
     model_dir = find_model_dir(run_dir)
     if read_meta(model_dir)["problem_type"] != "causal_lm":
@@ -127,32 +126,32 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 50, greedy:
     else:
         kwargs.update(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
     limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-    if limit is not None:
-        enc = {k: v[:, -max(1, limit - max_new_tokens):] for k, v in enc.items()}  # keep the prompt's end
-    with torch.no_grad():
-        out = model.generate(**enc, **kwargs)
-    start = enc["input_ids"].shape[1]
-    return [tokenizer.decode(seq[start:], skip_special_tokens=True) for seq in out]
+    if limit is not None:  # keep the prompt's end; virtual tokens (prefix / prompt tuning) take positions too
+        keep = max(1, limit - max_new_tokens - virtual_token_count(model))
+        enc = {k: v[:, -keep:] for k, v in enc.items()}
+    out = generate_new_tokens(model, enc["input_ids"], enc["attention_mask"], **kwargs)  # (N, T)
+    return [tokenizer.decode(seq, skip_special_tokens=True) for seq in out]
 
 
 def dialogue_eval(run_dir: str | Path | Mapping[str, str | Path], classifier: str | Path, split: str = "test",
                   max_contexts: int | None = None, acts: str = "reference", greedy: bool = True,
                   max_new_tokens: int | None = None, temperature: float = 1.0, top_k: int | None = 50,
                   top_p: float | None = 1.0, seed: int = 0, batch_size: int = 32, sensitivity_contexts: int = 100,
-                  out_dir: str | Path | None = None) -> dict[str, Any]:
+                  out_dir: str | Path | None = None, template_from: str | Path | None = None) -> dict[str, Any]:
     """Act-controlled generation of a DailyDialog run judged by an act-classifier run.
 
     Control accuracy, BLEU, distinct-1/2, empty share, the classifier's accuracy on the
     references, and the act sensitivity of the first ``sensitivity_contexts`` contexts (0: skip);
     written to ``<run>/dialogue_eval_<split>.json`` (or ``out_dir``). ``run_dir`` may map each act
     to a run trained with ``task.dialogue.only_acts`` (per-act prompts / prefixes; needs ``out_dir``).
+    ``template_from``: ask in that dialogue run's example format (the untuned LM as the tuned runs).
     See :mod:`deltakd.dialogue.evaluate`.
     """
     from .dialogue.evaluate import GenerationSettings, evaluate_dialogue
 
     settings = GenerationSettings(greedy, max_new_tokens, temperature, top_k, top_p, seed, batch_size)
     return evaluate_dialogue(run_dir, classifier, split, max_contexts, acts, settings,  # type: ignore[arg-type]
-                             sensitivity_contexts=sensitivity_contexts, out_dir=out_dir)
+                             sensitivity_contexts=sensitivity_contexts, out_dir=out_dir, template_from=template_from)
 
 
 def _is_multistage(path: str | Path) -> bool:

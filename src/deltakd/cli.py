@@ -123,12 +123,15 @@ def dialogue_eval(run_dir: Path = typer.Argument(..., help="A finished DailyDial
                   batch_size: int = typer.Option(32, "--batch-size", min=1),
                   sensitivity: int = typer.Option(100, "--sensitivity-contexts", min=0,
                                                   help="Contexts scored for act sensitivity (NLL of the reference "
-                                                       "under each act); 0 skips it.")):
+                                                       "under each act); 0 skips it."),
+                  template_from: Optional[Path] = typer.Option(
+                      None, "--template-from", help="Ask in this dialogue run's example format (act position, act "
+                                                    "tokens, contexts), e.g. an untuned LM as the tuned runs are.")):
     """Generate a response per context for a requested act, classify it, report control accuracy and BLEU."""
     from . import api
 
     res = api.dialogue_eval(run_dir, classifier, split, max_contexts, acts, greedy, max_new_tokens, temperature,
-                            top_k or None, top_p, seed, batch_size, sensitivity)
+                            top_k or None, top_p, seed, batch_size, sensitivity, template_from=template_from)
     m = res["metrics"]
     table = Table(title=f"{res['name']} [{split}, {res['generations']} generations]")
     keys = ["control_accuracy", "bleu", "distinct_1", "distinct_2", "empty_rate", "classifier_accuracy_on_references"]

@@ -139,6 +139,7 @@ EX = ResponseExample("question", ("Hi there .", "Hello , how are you today ?"), 
 @pytest.mark.parametrize("position, expected", [
     ("first", f"question{EOS}Hi there .{EOS}Hello , how are you today ?{EOS}Fine , and you ?{EOS}"),
     ("before_response", f"Hi there .{EOS}Hello , how are you today ?{EOS}question{EOS}Fine , and you ?{EOS}"),
+    ("opens_response", f"Hi there .{EOS}Hello , how are you today ?{EOS}questionFine , and you ?{EOS}"),
 ])
 def test_template_and_labels_mask_exactly_the_response(dd_tokenizer, position, expected):
     tok = dd_tokenizer
@@ -155,6 +156,28 @@ def test_template_and_labels_mask_exactly_the_response(dd_tokenizer, position, e
     assert prompt == ids[:n_prompt]
 
 
+def test_act_tokens_are_one_added_token_each(dd_tokenizer):
+    """act_tokens: the act is one added token (not the word's pieces) and opens the response."""
+    import copy
+
+    from deltakd.dialogue.data import ACTS, act_token
+
+    tok = copy.deepcopy(dd_tokenizer)
+    fmt = DialogueFormat("opens_response", max_length=128, act_tokens=True)
+    with pytest.raises(DeltakdError, match="has no act token '<|question|>'"):
+        encode_response_example(EX, tok, fmt)
+    tok.add_tokens([act_token(a) for a in ACTS], special_tokens=True)
+    q = tok.convert_tokens_to_ids(act_token("question"))
+    enc = encode_response_example(EX, tok, fmt)
+    words = encode_response_example(EX, tok, DialogueFormat("opens_response", max_length=128))
+    n_word = len(tok("question", add_special_tokens=False)["input_ids"])
+    response = tok(EX.response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    # the same sequence with the word's pieces replaced by the single act token, right before the response
+    assert enc["input_ids"] == words["input_ids"][:-len(response) - n_word] + [q] + response
+    assert enc["input_ids"].count(q) == 1 and enc["labels"][-len(response):] == response
+    assert encode_generation_prompts([EX], tok, fmt)[0] == enc["input_ids"][:-len(response)]
+
+
 def long_turns(tok, n_tokens: int) -> tuple[str, ...]:
     words = "the weather today is nice , would you like to go to the park with me and my sister ?".split()
     turns, total, i = [], 0, 0
@@ -166,7 +189,7 @@ def long_turns(tok, n_tokens: int) -> tuple[str, ...]:
     return tuple(turns)
 
 
-@pytest.mark.parametrize("position", ["first", "before_response"])
+@pytest.mark.parametrize("position", ["first", "before_response", "opens_response"])
 @pytest.mark.parametrize("giant", [False, True])
 def test_left_truncation_keeps_act_and_response_within_max_length(dd_tokenizer, position, giant):
     tok, eos = dd_tokenizer, dd_tokenizer.eos_token_id
@@ -177,7 +200,7 @@ def test_left_truncation_keeps_act_and_response_within_max_length(dd_tokenizer, 
     assert len(stream) > 1000
     fmt = DialogueFormat(position, max_length=64, max_response_tokens=16)
     ids = encode_response_example(ex, tok, fmt)["input_ids"]
-    act = tok("directive", add_special_tokens=False)["input_ids"] + [eos]
+    act = tok("directive", add_special_tokens=False)["input_ids"] + ([] if position == "opens_response" else [eos])
     response = tok(ex.response, add_special_tokens=False)["input_ids"] + [eos]
     assert len(ids) <= 64 and ids[-len(response):] == response
     kept = ids[len(act):-len(response)] if position == "first" else ids[:-len(response) - len(act)]

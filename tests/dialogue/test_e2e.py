@@ -326,3 +326,144 @@ def runs_contexts(runs) -> int:
     from deltakd.runs import RunDir, load_run_recipe
 
     return len(response_split(load_run_recipe(RunDir(Path(runs["prefix"]["run_dir"]))).task, "test"))
+
+
+@pytest.mark.parametrize("method", ["prefix", "lora", "prompt"])
+def test_act_tokens_train_only_their_rows_and_reload_with_plain_peft(runs, method):
+    """act_tokens: each act one added token whose embedding row trains with the delta module; every
+    other row stays the base's, the count is delta + 4 rows, and the run reloads (with its act rows)
+    through deltakd and through plain transformers + peft (resize, then PeftModel.from_pretrained)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltakd.dialogue.data import ACTS, act_token
+    from deltakd.dialogue.train import add_act_tokens
+
+    tmp = runs["tmp"]
+    sections = {"prefix": "{method: prefix, num_virtual_tokens: 4}", "prompt": "{method: prompt, num_virtual_tokens: 4}",
+                "lora": "{method: lora, r: 4, alpha: 8, dropout: 0.0, target: [c_attn]}"}
+    recipe = _tuned(tmp, f"at-{method}", sections[method], epochs=2, lr=3e-2)
+    r = api.train(recipe, ["task.dialogue.act_tokens=true", "task.dialogue.act_position=opens_response"])
+    plain = {"prefix": runs["prefix"]["params"]["trainable"], "lora": runs["lora"]["params"]["trainable"],
+             "prompt": 4 * 32}[method]
+    assert r["params"]["trainable"] == plain + 4 * 32
+
+    base, base_tok = load_trained(Path(runs["pre"]["run_dir"]) / "model")
+    v = base.get_input_embeddings().num_embeddings
+    start = base.get_input_embeddings().weight.detach().clone()  # (V, H)
+    ids = add_act_tokens(base, base_tok)  # the untrained act rows: the act words' mean embedding
+    assert ids == list(range(v, v + 4)) and add_act_tokens(base, base_tok) == ids  # a second call adds nothing
+    init = base.get_input_embeddings().weight.detach()
+    for a, i in zip(ACTS, ids):
+        pieces = base_tok(a, add_special_tokens=False)["input_ids"]
+        assert torch.allclose(init[i], start[pieces].mean(0))
+
+    model_dir = Path(r["run_dir"]) / "model"
+    model, tok = load_trained(model_dir)
+    assert tok.convert_tokens_to_ids([act_token(a) for a in ACTS]) == ids
+    trained = model.get_input_embeddings().weight.detach()
+    assert trained.shape[0] == v + 4 and torch.equal(trained[:v], start)  # the base rows never moved
+    assert all((trained[i] - init[i]).abs().max() > 1e-3 for i in ids)  # every act row trained
+    again = api.evaluate(r["run_dir"], "test")  # deltakd eval: the act rows came back with the adapter
+    assert again["loss"] == pytest.approx(r["metrics"]["test"]["loss"], rel=1e-4)
+
+    peft_tok = AutoTokenizer.from_pretrained(model_dir)
+    lm = AutoModelForCausalLM.from_pretrained(Path(runs["pre"]["run_dir"]) / "model")
+    lm.resize_token_embeddings(len(peft_tok))
+    lm = PeftModel.from_pretrained(lm, model_dir).eval()
+    x = torch.tensor([[5, 17, ids[1], 42, 9]])
+    with torch.no_grad():
+        assert torch.allclose(lm(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5)
+
+    # the training examples: one act token, right before the response
+    prep = engine.prepare(load_recipe(recipe, ["task.dialogue.act_tokens=true",
+                                               "task.dialogue.act_position=opens_response"]))
+    for ex, row in list(zip(prep.task.splits["train"], prep.datasets["train"]))[:50]:
+        n_prompt = row["labels"].count(IGNORE_INDEX)
+        assert [t for t in row["input_ids"] if t in ids] == [ids[ACTS.index(ex.act)]]
+        assert row["input_ids"][n_prompt - 1] == ids[ACTS.index(ex.act)]
+
+
+def test_the_untuned_lm_is_asked_in_the_tuned_runs_format(runs):
+    """template_from: the untuned LM gets the act tokens (as its act words) and the act position
+    of the tuned run, on the same contexts."""
+    tmp = runs["tmp"]
+    r = api.train(_tuned(tmp, "at-prompt-t", "{method: prompt, num_virtual_tokens: 4}", epochs=1),
+                  ["task.dialogue.act_tokens=true", "task.dialogue.act_position=opens_response"])
+    cls = runs["acts"]["run_dir"]
+    own = api.dialogue_eval(runs["pre"]["run_dir"], cls, max_contexts=6, sensitivity_contexts=2)
+    asked = api.dialogue_eval(runs["pre"]["run_dir"], cls, max_contexts=6, sensitivity_contexts=2,
+                              template_from=r["run_dir"])
+    assert own["format"]["act_position"] == "first"
+    assert asked["format"]["act_position"] == "opens_response" and asked["contexts"] == own["contexts"] == 6
+    tuned = api.dialogue_eval(r["run_dir"], cls, max_contexts=6, sensitivity_contexts=0)
+    assert [s["reference"] for s in tuned["samples"]] == [s["reference"] for s in asked["samples"]]
+    with pytest.raises(DeltakdError, match="template_from: .* holds no finished deltakd run"):
+        api.dialogue_eval(runs["pre"]["run_dir"], cls, template_from=tmp / "nothing")
+
+
+def test_act_tokens_with_weight_decay_on_a_delta_module_is_a_bad_recipe(runs, capsys, monkeypatch):
+    from deltakd import cli as cli_module
+
+    monkeypatch.setattr(sys, "argv", ["deltakd", "train", str(runs["tmp"] / "prefix.yaml"),
+                                      "task.dialogue.act_tokens=true", "train.weight_decay=0.1"])
+    with pytest.raises(SystemExit) as e:
+        cli_module.main()
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert e.value.code == 2 and len(lines) == 1 and "train.weight_decay: 0.1 with task.dialogue.act_tokens" in lines[0]
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_prompt_learning_generation_is_the_greedy_continuation_of_its_forward(runs, method):
+    """Greedy generation of prefix / prompt tuning equals argmax decoding with the peft forward
+    (the training computation), token for token, also past the model's position count minus the
+    virtual tokens (peft's own generate re-inserts them at every step under transformers 5.24)."""
+    from deltakd.models.delta import generate_new_tokens
+
+    if method == "prefix":
+        run = runs["prefix"]
+    else:
+        run = api.train(_tuned(runs["tmp"], "gen-prompt", "{method: prompt, num_virtual_tokens: 4}", epochs=1))
+    model, tok = load_trained(Path(run["run_dir"]) / "model")
+    ids = torch.tensor([[5, 17, 42, 9, 3, 11], [8, 8, 30, 2, 19, 7]])  # (2, 6); 6 + 4 virtual + 50 new < 64
+    new = generate_new_tokens(model, ids, torch.ones_like(ids), max_new_tokens=50, do_sample=False,
+                              eos_token_id=None, pad_token_id=tok.pad_token_id)
+    x = ids
+    with torch.no_grad():
+        for _ in range(50):
+            x = torch.cat([x, model(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert new.shape == (2, 50) and new.tolist() == x[:, 6:].tolist()
+    # and that forward does use the virtual tokens: without them the next-token scores differ
+    with torch.no_grad(), model.disable_adapter():
+        plain = model.get_base_model()(input_ids=ids).logits[:, -1]
+    with torch.no_grad():
+        tuned = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1]
+    assert (tuned - plain).abs().max() > 1e-2
+
+
+def test_act_tokens_are_never_generated(runs, monkeypatch):
+    """An act token is prompt only: generation suppresses every act token the tokenizer has."""
+    import deltakd.dialogue.evaluate as ev
+    from deltakd.dialogue.train import add_act_tokens
+
+    model, tok = load_trained(Path(runs["pre"]["run_dir"]) / "model")
+    ids = add_act_tokens(model, tok)
+    with torch.no_grad():  # make the act tokens the most likely next tokens everywhere
+        model.get_input_embeddings().weight[ids] = 50 * model.transformer.ln_f.weight
+    seen = {}
+    real = ev.generate_new_tokens
+
+    def spy(model, input_ids, attention_mask, **kw):
+        seen.update(kw)
+        return real(model, input_ids, attention_mask, **kw)
+
+    monkeypatch.setattr(ev, "generate_new_tokens", spy)
+    prompts = [[5, 17, 42, 9], [8, 8, 30, 2]]
+    out = ev.generate_responses(model, tok, prompts, GenerationSettings(), 6)
+    assert sorted(seen["suppress_tokens"]) == sorted(ids)
+    raw = real(model, torch.tensor(prompts), torch.ones(2, 4, dtype=torch.long), max_new_tokens=6, do_sample=False,
+               pad_token_id=tok.pad_token_id, suppress_tokens=ids)
+    assert not set(raw.flatten().tolist()) & set(ids) and len(out) == 2
+    unsuppressed = real(model, torch.tensor(prompts), torch.ones(2, 4, dtype=torch.long), max_new_tokens=6,
+                        do_sample=False, pad_token_id=tok.pad_token_id)
+    assert set(unsuppressed.flatten().tolist()) & set(ids)  # without it they would be generated

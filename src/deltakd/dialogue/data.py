@@ -4,9 +4,11 @@ DailyDialog (Li et al., IJCNLP 2017) keeps one dialogue per line in three aligne
 split: ``dialogues_<split>.txt`` (utterances separated by ``__eou__``), ``dialogues_act_<split>.txt``
 and ``dialogues_emotion_<split>.txt`` (one space-separated label id per utterance).
 
-A response example is rendered as ``act <eos> context turns <eos> response <eos>`` (act first)
-or ``context turns <eos> act <eos> response <eos>`` (act before the response); every segment is
-tokenised on its own and followed by the tokenizer's eos id. The loss covers only the response
+A response example is rendered as ``act <eos> context turns <eos> response <eos>`` (act first),
+``context turns <eos> act <eos> response <eos>`` (act before the response) or ``context turns <eos>
+act response <eos>`` (the act opens the response turn, so the position that predicts the first
+response token is the act's own); every segment is tokenised on its own and followed by the
+tokenizer's eos id (the act in ``opens_response`` is not). The loss covers only the response
 tokens and the final eos.
 """
 
@@ -33,7 +35,15 @@ SPLITS: dict[str, str] = {"train": "train", "validation": "validation", "valid":
 EOU = "__eou__"
 IGNORE_INDEX = -100
 
-ActPosition = Literal["first", "before_response"]
+
+
+def act_token(act: str) -> str:
+    """The added token that stands for ``act`` when ``act_tokens`` is on: ``<|question|>``."""
+    return f"<|{act}|>"
+
+
+ActPosition = Literal["first", "before_response", "opens_response"]
+ACT_POSITIONS: tuple[str, ...] = ("first", "before_response", "opens_response")
 
 
 class Turn(NamedTuple):
@@ -209,16 +219,18 @@ class DialogueFormat:
     longer than ``max_response_tokens`` keeps its first ``max_response_tokens`` tokens, then eos
     (so generation should allow ``max_response_tokens + 1`` new tokens). The context is cut from
     the left to fit: oldest whole turns go first; if the newest turn alone does not fit, its
-    rightmost tokens are kept. The act and the (capped) response are always kept.
+    rightmost tokens are kept. The act and the (capped) response are always kept. With
+    ``act_tokens`` the act is the single added token :func:`act_token` (the tokenizer must have it).
     """
 
     act_position: ActPosition = "first"
     max_length: int = 256
     max_response_tokens: int = 64
+    act_tokens: bool = False  # the act is one added token (act_token) instead of the act word's pieces
 
     def __post_init__(self) -> None:
-        if self.act_position not in ("first", "before_response"):
-            raise DeltakdError(f"act_position '{self.act_position}' is unknown; valid: first, before_response")
+        if self.act_position not in ACT_POSITIONS:
+            raise DeltakdError(f"act_position '{self.act_position}' is unknown; valid: {', '.join(ACT_POSITIONS)}")
         if self.max_response_tokens < 1:
             raise DeltakdError(f"max_response_tokens must be >= 1, got {self.max_response_tokens}")
         if self.max_length < 4:
@@ -287,19 +299,24 @@ def _context_ids(turns: Sequence[list[int]], budget: int, eos: int) -> list[int]
     return [t for ids in reversed(kept) for t in ids]
 
 
-def _prompt_ids(act: list[int], context: list[int], eos: int, position: ActPosition) -> list[int]:
-    act_seg = act + [eos]
+def _prompt_ids(act_seg: list[int], context: list[int], position: ActPosition) -> list[int]:
     return act_seg + context if position == "first" else context + act_seg
 
 
-def _act_ids(enc: _Encoder, ex: ResponseExample, fmt: DialogueFormat, reserve: int) -> list[int]:
-    act = enc(ex.act)
+def _act_segment(enc: _Encoder, ex: ResponseExample, fmt: DialogueFormat, reserve: int) -> list[int]:
+    """The act's ids as they enter the prompt: followed by eos, except when the act opens the response."""
+    text = act_token(ex.act) if fmt.act_tokens else ex.act
+    act = enc(text)
+    if fmt.act_tokens and len(act) != 1:
+        raise DeltakdError(f"the tokenizer has no act token {text!r} (act_tokens: true needs the act tokens "
+                           "added, as prepare_dialogue does)")
     if not act:
         raise DeltakdError(f"act {ex.act!r} tokenises to nothing")
-    if len(act) + 1 + reserve > fmt.max_length:
+    seg = act if fmt.act_position == "opens_response" else act + [enc.eos]
+    if len(seg) + reserve > fmt.max_length:
         raise DeltakdError(f"max_length {fmt.max_length} cannot hold the act {ex.act!r} "
-                           f"({len(act)} tokens + eos) and a response of {reserve - 1} token(s) + eos")
-    return act
+                           f"({len(seg)} tokens) and a response of {reserve - 1} token(s) + eos")
+    return seg
 
 
 def encode_response_example(ex: ResponseExample, tokenizer: Any, fmt: DialogueFormat,
@@ -311,11 +328,11 @@ def encode_response_example(ex: ResponseExample, tokenizer: Any, fmt: DialogueFo
     """
     enc = _enc or _Encoder(tokenizer)
     eos = enc.eos
-    act = _act_ids(enc, ex, fmt, 2)
-    room = fmt.max_length - len(act) - 1 - 1  # act + eos, response eos
+    act = _act_segment(enc, ex, fmt, 2)
+    room = fmt.max_length - len(act) - 1  # the response's eos
     response = enc(ex.response)[:min(fmt.max_response_tokens, room)] + [eos]
-    context = _context_ids([enc(t) for t in ex.context], fmt.max_length - len(act) - 1 - len(response), eos)
-    prompt = _prompt_ids(act, context, eos, fmt.act_position)
+    context = _context_ids([enc(t) for t in ex.context], fmt.max_length - len(act) - len(response), eos)
+    prompt = _prompt_ids(act, context, fmt.act_position)
     ids = prompt + response
     return {"input_ids": ids, "attention_mask": [1] * len(ids),
             "labels": [IGNORE_INDEX] * len(prompt) + response}
@@ -331,7 +348,7 @@ def encode_response_examples(examples: Sequence[ResponseExample], tokenizer: Any
 
 def encode_generation_prompts(examples: Sequence[ResponseExample], tokenizer: Any,
                               fmt: DialogueFormat) -> list[list[int]]:
-    """Prompt ids: everything up to and including the eos before the response.
+    """Prompt ids: everything before the response (up to its eos, or the act that opens it).
 
     The context is cut as in training but leaves room for ``max_response_tokens + 1`` new tokens,
     so prompt + generation stays within ``fmt.max_length``.
@@ -341,9 +358,9 @@ def encode_generation_prompts(examples: Sequence[ResponseExample], tokenizer: An
     reserve = fmt.max_response_tokens + 1
     out = []
     for ex in examples:
-        act = _act_ids(enc, ex, fmt, reserve)
-        context = _context_ids([enc(t) for t in ex.context], fmt.max_length - len(act) - 1 - reserve, enc.eos)
-        out.append(_prompt_ids(act, context, enc.eos, fmt.act_position))
+        act = _act_segment(enc, ex, fmt, reserve)
+        context = _context_ids([enc(t) for t in ex.context], fmt.max_length - len(act) - reserve, enc.eos)
+        out.append(_prompt_ids(act, context, fmt.act_position))
     return out
 
 

@@ -19,11 +19,11 @@ from typing import Any, Literal
 import torch
 
 from ..errors import DeltakdError
-from ..models.delta import META_FILE, count_parameters, load_trained, read_meta
+from ..models.delta import META_FILE, count_parameters, generate_new_tokens, load_trained, read_meta
 from ..runs import RunDir, load_run_recipe
 from ..utils import atomic_write_json, atomic_write_text
-from .data import (ACTS, DialogueFormat, ResponseExample, encode_generation_prompts, encode_response_example,
-                   model_max_positions, response_from_generation)
+from .data import (ACTS, DialogueFormat, ResponseExample, act_token, encode_generation_prompts,
+                   encode_response_example, model_max_positions, response_from_generation)
 from .metrics import control_accuracy, dialogue_metrics
 
 NO_ACT = "none"  # the label of an empty response
@@ -143,6 +143,10 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Sequence[in
     device = _device()
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+    vocab = tokenizer.get_vocab()
+    act_ids = [vocab[act_token(a)] for a in ACTS if act_token(a) in vocab]
+    if act_ids:  # act tokens are prompt, never response
+        kw["suppress_tokens"] = act_ids
     if settings.greedy:
         kw.update(do_sample=False, temperature=None, top_k=None, top_p=None)
     else:
@@ -157,8 +161,8 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Sequence[in
         for start in range(0, len(idx), settings.batch_size):
             chunk = idx[start:start + settings.batch_size]
             ids = torch.tensor([list(prompts[i]) for i in chunk], dtype=torch.long, device=device)  # (B, L)
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)  # (B, L + T)
-            for i, row in zip(chunk, gen[:, length:].tolist()):
+            gen = generate_new_tokens(model, ids, torch.ones_like(ids), **kw)  # (B, T)
+            for i, row in zip(chunk, gen.tolist()):
                 out[i] = response_from_generation(row, tokenizer)
     return out
 
@@ -184,9 +188,11 @@ class _LM:
     fmt: DialogueFormat
 
 
-def _load_lm(run_dir: str | Path) -> _LM:
+def _load_lm(run_dir: str | Path, template: Any = None) -> _LM:
+    """A run's LM with its example format; ``template`` (a ``task.dialogue`` section) replaces the
+    run's own, e.g. to ask an untuned LM in the tuned runs' format (act tokens are added if missing)."""
     from .tasks import dialogue_format
-    from .train import virtual_tokens
+    from .train import add_act_tokens, virtual_tokens
 
     model_dir = _model_dir(run_dir, "run")
     meta = read_meta(model_dir)
@@ -196,21 +202,25 @@ def _load_lm(run_dir: str | Path) -> _LM:
     recipe = load_run_recipe(run)
     if recipe.task.dialogue is None:
         raise DeltakdError(f"'{run.path}': its recipe has no task.dialogue section (not a DailyDialog run)")
+    if template is not None:
+        recipe = recipe.model_copy(update={"task": recipe.task.model_copy(update={"dialogue": template})})
     model, tokenizer = load_trained(model_dir)
-    model.to(_device())
-    model.eval()
     virtual = virtual_tokens(recipe) if recipe.task.kind == "dialogue" else 0
     fmt = dialogue_format(recipe.task, virtual, model_max_positions(model.config))
+    if fmt.act_tokens:
+        add_act_tokens(model, tokenizer)  # a tuned run has them; an untuned LM gets them as its words
+    model.to(_device())
+    model.eval()
     return _LM(run, recipe, meta, model, tokenizer, fmt)
 
 
-def _routed(run_dir: str | Path | Mapping[str, str | Path]) -> dict[str | None, _LM]:
+def _routed(run_dir: str | Path | Mapping[str, str | Path], template: Any = None) -> dict[str | None, _LM]:
     """One LM (key None), or one per act for per-act prompts / prefixes (``only_acts`` runs)."""
     if not isinstance(run_dir, Mapping):
-        return {None: _load_lm(run_dir)}
+        return {None: _load_lm(run_dir, template)}
     if set(run_dir) != set(ACTS):
         raise DeltakdError(f"a run per act needs exactly the acts {list(ACTS)}, got {sorted(run_dir)}")
-    lms: dict[str | None, _LM] = {act: _load_lm(run_dir[act]) for act in ACTS}
+    lms: dict[str | None, _LM] = {act: _load_lm(run_dir[act], template) for act in ACTS}
     first = lms[ACTS[0]]
     for act, lm in lms.items():
         only = lm.recipe.task.dialogue.only_acts
@@ -228,7 +238,8 @@ def evaluate_dialogue(run_dir: str | Path | Mapping[str, str | Path], classifier
                       split: str = "test", max_contexts: int | None = None,
                       acts: Literal["reference", "all"] = "reference",
                       settings: GenerationSettings = GenerationSettings(), samples: int = 20,
-                      sensitivity_contexts: int = 100, out_dir: str | Path | None = None) -> dict[str, Any]:
+                      sensitivity_contexts: int = 100, out_dir: str | Path | None = None,
+                      template_from: str | Path | None = None) -> dict[str, Any]:
     """Generate, classify and score a run's causal LM on a DailyDialog split; write the results.
 
     ``run_dir`` is a dialogue run, or an ``lm`` run with a ``task.dialogue`` section (the untuned
@@ -237,7 +248,9 @@ def evaluate_dialogue(run_dir: str | Path | Mapping[str, str | Path], classifier
     comes from ``a``'s run, and the contexts are the whole split. Writes
     ``dialogue_eval_<split>.json`` (metrics, settings, the first ``samples`` generations) and
     ``dialogue_generations_<split>.jsonl`` (every generation) into the run (or ``out_dir``, needed
-    for a run per act), atomically.
+    for a run per act), atomically. ``template_from`` (a dialogue run) asks in that run's example
+    format (act position, act tokens, context turns) instead of the run's own: the untuned LM
+    compared with tuned runs is asked exactly as they are.
     """
     from .tasks import response_split
 
@@ -245,7 +258,12 @@ def evaluate_dialogue(run_dir: str | Path | Mapping[str, str | Path], classifier
         raise DeltakdError(f"acts '{acts}' is unknown; valid: reference, all")
     if isinstance(run_dir, Mapping) and out_dir is None:
         raise DeltakdError("dialogue-eval with a run per act needs an output folder (out_dir)")
-    lms = _routed(run_dir)
+    template = None
+    if template_from is not None:
+        template = load_run_recipe(RunDir(_model_dir(template_from, "template_from").parent)).task.dialogue
+        if template is None:
+            raise DeltakdError(f"template_from: '{template_from}' has no task.dialogue section")
+    lms = _routed(run_dir, template)
     lm0 = next(iter(lms.values()))
     recipe, fmt = lm0.recipe, lm0.fmt
     task = recipe.task

@@ -54,7 +54,7 @@ def dialogue_format(cfg: TaskConfig, virtual_tokens: int = 0, positions: int | N
     if opt.max_response_tokens + 2 > cfg.max_length:
         raise DeltakdError(f"task.dialogue.max_response_tokens: {opt.max_response_tokens} (+ act and eos) does not "
                            f"fit task.max_length {cfg.max_length}")
-    return DialogueFormat(opt.act_position, cfg.max_length, opt.max_response_tokens)
+    return DialogueFormat(opt.act_position, cfg.max_length, opt.max_response_tokens, opt.act_tokens)
 
 
 def response_split(cfg: TaskConfig, split: str) -> list[ResponseExample]:

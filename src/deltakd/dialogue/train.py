@@ -22,7 +22,8 @@ from ..models.delta import META_FILE, Head, attach_delta, read_meta
 from ..models.hub import load_pretrained, resolve_model_path
 from ..recipe import Recipe
 from ..recipe.schema import FullFT, PrefixPeft, PromptPeft, PTuningPeft
-from .data import DialogueCollator, DialogueFormat, ResponseExample, encode_response_examples, model_max_positions
+from .data import (ACTS, DialogueCollator, DialogueFormat, ResponseExample, act_token, encode_response_examples,
+                   model_max_positions)
 from .tasks import RECIPE_SPLITS, dialogue_format, lm_texts, response_split
 
 
@@ -88,6 +89,31 @@ def load_causal_lm(recipe: Recipe, check: Callable[[Any], None] | None = None) -
     return model, tokenizer, where
 
 
+def add_act_tokens(model: Any, tokenizer: Any) -> list[int]:
+    """Ids of the four act tokens (:func:`act_token`, in ``ACTS`` order), added where missing.
+
+    A newly added token's embedding row starts at the mean embedding of the act word's pieces
+    (the row the word template gave it), so an untrained act token means what the word meant.
+    The model's embeddings grow when the tokenizer outgrows them; a tied output layer follows.
+    """
+    import torch
+
+    tokens = [act_token(a) for a in ACTS]
+    vocab = tokenizer.get_vocab()
+    new = [a for a, t in zip(ACTS, tokens) if t not in vocab]
+    pieces = {a: tokenizer(a, add_special_tokens=False)["input_ids"] for a in new}  # before the tokens exist
+    if new:
+        tokenizer.add_tokens([act_token(a) for a in new], special_tokens=True)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    weight = model.get_input_embeddings().weight  # (V, H)
+    with torch.no_grad():
+        for a in new:
+            weight[ids[ACTS.index(a)]] = weight[pieces[a]].mean(0)
+    return ids
+
+
 def virtual_tokens(recipe: Recipe) -> int:
     """Positions the delta module takes before the sequence (prefix / prompt / p-tuning)."""
     p = recipe.peft
@@ -129,8 +155,9 @@ def prepare_dialogue(recipe: Recipe):
     model, tokenizer, base = load_causal_lm(recipe, lambda config: dialogue_format(
         recipe.task, virtual_tokens(recipe), model_max_positions(config)))
     fmt = dialogue_format(recipe.task, virtual_tokens(recipe), model_max_positions(model.config))
+    act_ids = add_act_tokens(model, tokenizer) if fmt.act_tokens else []
     data = {split: encode_split(exs, tokenizer, fmt) for split, exs in splits.items()}
-    model = attach_delta(model, recipe.peft, tokenizer.name_or_path, causal_lm=True)
+    model = attach_delta(model, recipe.peft, tokenizer.name_or_path, causal_lm=True, trainable_tokens=act_ids)
     task = TaskData(_spec(recipe), None, {k: list(v) for k, v in splits.items()})
     return Prepared(recipe, task, tokenizer, data, model, Head(0, None, causal_lm=True),
                     collator=DialogueCollator(tokenizer.pad_token_id), base_path=base)

@@ -6,6 +6,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -89,15 +90,20 @@ def bottleneck_spec(cfg: BottleneckPeft):
                           non_linearity=cfg.non_linearity)
 
 
-def attach_delta(model: PreTrainedModel, cfg: PeftConfig, base_path: str, causal_lm: bool = False) -> torch.nn.Module:
+def attach_delta(model: PreTrainedModel, cfg: PeftConfig, base_path: str, causal_lm: bool = False,
+                 trainable_tokens: Sequence[int] = ()) -> torch.nn.Module:
     """Wrap ``model`` with the recipe's delta module; only the delta (and the head) trains.
 
     ``base_path`` is where prompt tuning's ``init_text`` tokenizer loads from; ``causal_lm`` picks
     peft's causal-LM wrapper (virtual tokens / prefixes before the sequence, loss on shifted labels).
+    ``trainable_tokens``: input-embedding rows (added tokens) that train with the delta module
+    (:func:`train_embedding_rows`; full fine-tuning trains them anyway).
     """
     if isinstance(cfg, FullFT):
         return model
     if isinstance(cfg, BottleneckPeft):
+        if trainable_tokens:
+            raise DeltakdError("trainable tokens are not available with bottleneck adapters")
         from .bottleneck import add_bottleneck_adapters
 
         return add_bottleneck_adapters(model, bottleneck_spec(cfg))
@@ -110,13 +116,73 @@ def attach_delta(model: PreTrainedModel, cfg: PeftConfig, base_path: str, causal
     if isinstance(cfg, LoraPeft) and cfg.full:
         for p in wrapped.parameters():
             p.requires_grad_(True)
+    elif trainable_tokens:
+        train_embedding_rows(wrapped, trainable_tokens)
     return wrapped
 
 
+def train_embedding_rows(model: torch.nn.Module, rows: Sequence[int]) -> None:
+    """Let only ``rows`` of the input embedding train (e.g. added tokens), the rest frozen.
+
+    The embedding weight gets ``requires_grad`` and a gradient hook that zeroes every other row,
+    so with a zero weight decay the optimizer never moves them (tied output rows included). The
+    weight carries ``trainable_rows`` for :func:`count_parameters`. peft saves a resized
+    embedding with the adapter (:func:`save_trained`), and reloads it.
+    """
+    weight = model.get_input_embeddings().weight  # (V, H)
+    mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype)
+    mask[list(rows)] = 1.0
+    weight.requires_grad_(True)
+    weight.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
+    weight.trainable_rows = len(set(rows))
+
+
+def virtual_token_count(model: torch.nn.Module) -> int:
+    """Positions a peft prompt-learning module (prefix, prompt, p-tuning) takes before the sequence."""
+    cfg = getattr(model, "active_peft_config", None)
+    return int(cfg.num_virtual_tokens) if cfg is not None and cfg.is_prompt_learning else 0
+
+
+@torch.no_grad()
+def generate_new_tokens(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        **kwargs: Any) -> torch.Tensor:
+    """Only the generated ids ``(B, T)`` of a causal LM, plain or peft-wrapped.
+
+    peft prompt learning goes through the base model's own ``generate`` with the training layout
+    built here once: prompt tuning / p-tuning as virtual-token embeddings before the sequence,
+    prefix tuning as a prefilled cache. peft 0.21's ``generate`` looks for the cache under
+    ``past_key_values``; transformers 5.24 passes it as ``cache``, so peft re-inserts the virtual
+    tokens at every step (positions run past the model's limit) and its prefix is ignored.
+    """
+    import inspect
+
+    import peft
+
+    cfg = getattr(model, "active_peft_config", None)
+    if cfg is None or not cfg.is_prompt_learning:
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[:, input_ids.shape[1]:]
+    base = model.get_base_model()
+    batch = input_ids.shape[0]
+    mask = torch.cat([attention_mask.new_ones(batch, cfg.num_virtual_tokens), attention_mask], dim=1)
+    if cfg.peft_type == peft.PeftType.PREFIX_TUNING:
+        key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        out = base.generate(input_ids=input_ids, attention_mask=mask, **{key: model.get_prompt(batch_size=batch)},
+                            **kwargs)  # (B, L + T)
+        return out[:, input_ids.shape[1]:]
+    embeds = model.word_embeddings(input_ids)  # (B, L, H), the embedding peft's forward uses
+    prompts = model.get_prompt(batch_size=batch).to(embeds.dtype)  # (B, V, H)
+    return base.generate(inputs_embeds=torch.cat([prompts, embeds], dim=1), attention_mask=mask,
+                         **kwargs)  # new tokens only
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(total, trainable) parameter counts."""
+    """(total, trainable) parameter counts; a weight with ``trainable_rows`` counts those rows only."""
+    def trained(p: torch.nn.Parameter) -> int:
+        rows = getattr(p, "trainable_rows", None)
+        return p.numel() if rows is None else rows * (p.numel() // p.shape[0])
+
     total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(trained(p) for p in model.parameters() if p.requires_grad)
     return total, trainable
 
 
@@ -148,7 +214,9 @@ def save_trained(model: torch.nn.Module, directory: Path, cfg: PeftConfig, model
         save_bottleneck(model, tmp, bottleneck_spec(cfg), base_path)
         meta["format"] = "bottleneck"
     else:
-        model.save_pretrained(tmp)
+        # added tokens trained with the delta (train_embedding_rows): the resized embedding goes with the adapter
+        resized = getattr(model.get_input_embeddings().weight, "trainable_rows", None) is not None
+        model.save_pretrained(tmp, **({"save_embedding_layers": True} if resized else {}))
         meta["format"] = "peft"
         if isinstance(cfg, LoraPeft) and cfg.merge:
             import copy
@@ -189,6 +257,8 @@ def load_trained(directory: str | Path, merged: bool = False) -> tuple[torch.nn.
             from peft import PeftModel
 
             base = load_pretrained(AutoModelForCausalLM.from_pretrained, meta["base_model"], "base model")
+            if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # added tokens (act tokens)
+                base.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows come with the adapter
             model = PeftModel.from_pretrained(base, directory)
         else:
             raise DeltakdError(f"'{directory}': causal-LM folders of format {fmt} do not load here")

@@ -47,7 +47,12 @@ class DialogueOptions(Strict):
     """
 
     context_turns: int = Field(default=3, ge=1, description="previous turns kept as context (the last N)")
-    act_position: Literal["first", "before_response"] = "first"
+    act_position: Literal["first", "before_response", "opens_response"] = Field(
+        default="first", description="first: act <eos> context; before_response: context act <eos> response; "
+                                     "opens_response: context act response (no eos between act and response)")
+    act_tokens: bool = Field(
+        default=False, description="each act is one added token (<|inform|> ...) whose embedding trains with the "
+                                   "delta module (initialised from the act word), instead of the act word's pieces")
     max_response_tokens: int = Field(default=48, ge=1, description="responses cut to this many tokens (+ eos)")
     max_dialogues: int | None = Field(default=None, gt=0, description="use the first N train dialogues")
     max_eval_dialogues: int | None = Field(default=None, gt=0, description="the first N valid/test dialogues")
@@ -343,6 +348,20 @@ class Recipe(Strict):
         if cur is not None and not self.train.max_steps and cur.at_epoch >= self.train.epochs:
             raise ValueError(f"distill.curriculum.at_epoch: {cur.at_epoch:g} is not before the end of training "
                              f"(train.epochs {self.train.epochs:g}); the curriculum would never start")
+        return self
+
+    @model_validator(mode="after")
+    def _act_tokens(self) -> "Recipe":
+        dlg = self.task.dialogue
+        if dlg is None or not dlg.act_tokens or self.task.kind != "dialogue":
+            return self
+        if isinstance(self.peft, BottleneckPeft):
+            raise ValueError("task.dialogue.act_tokens: not available with peft.method bottleneck "
+                             "(full, lora, prefix, prompt, ptuning, ia3)")
+        if not isinstance(self.peft, FullFT) and self.train.weight_decay > 0:
+            raise ValueError(f"train.weight_decay: {self.train.weight_decay:g} with task.dialogue.act_tokens and "
+                             f"peft.method {self.peft.method} would shrink the frozen embedding rows next to the act "
+                             "tokens' trained ones; set it to 0")
         return self
 
     @field_validator("track")
