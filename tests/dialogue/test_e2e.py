@@ -246,7 +246,8 @@ def test_cli_dialogue_eval_writes_results_and_rejects_bad_options(runs, capsys, 
     out = capsys.readouterr().out
     assert "control acc" in out and "wrote" in out
     for bad, expected in ((["--acts", "some"], "acts 'some' is unknown; valid: reference, all"),
-                          (["--split", "dev2"], "split 'dev2' is unknown")):
+                          (["--split", "dev2"], "split 'dev2' is unknown"),
+                          (["--template-from", "/no/run"], "template_from: '/no/run' holds no finished deltakd run")):
         monkeypatch.setattr(sys, "argv", ["deltakd", "dialogue-eval", run, "--classifier", cls, *bad])
         with pytest.raises(SystemExit) as e:
             cli_module.main()
