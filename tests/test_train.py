@@ -104,6 +104,10 @@ def test_peft_methods_train_save_and_reload_identically(tmp_path, tiny_bert, toy
         from transformers import AutoModelForSequenceClassification
 
         base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+        if method == "prefix":  # peft 0.21 looks for `past_key_values`, transformers 5.24 names it `cache`
+            from deltakd.models.delta import accept_past_key_values
+
+            accept_past_key_values(base)
         with torch.no_grad():
             direct = PeftModel.from_pretrained(base, run.model_dir).eval()(**enc).logits
         torch.testing.assert_close(direct, logits, atol=1e-6, rtol=0)
@@ -131,3 +135,37 @@ output_dir: {tmp_path / 'runs'}
     results = api.train(recipe)
     assert results["main_metric"] == "pearson"
     assert results["metrics"]["valid"]["pearson"] > 0.8
+
+
+def test_prefix_tuning_a_classifier_under_the_renamed_cache_argument(tiny_bert):
+    """transformers 5.24 renamed the classifier's `past_key_values` to `cache`; peft 0.21 refuses
+    such a model for prefix tuning. After accept_past_key_values the prefix reaches the encoder (the
+    logits move with it), a forward without one is unchanged, and a deepcopy runs its own weights."""
+    import copy
+
+    import peft
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from deltakd.models.delta import accept_past_key_values
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    enc = tok(["the movie was good"], return_tensors="pt")
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2).eval()
+    with torch.no_grad():
+        plain = base(**enc).logits
+    accept_past_key_values(base)
+    with torch.no_grad():
+        torch.testing.assert_close(base(**enc).logits, plain)  # no prefix: unchanged
+    model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)).eval()
+    with torch.no_grad():
+        zero = model(**enc).logits
+        for p in model.prompt_encoder.parameters():
+            p.add_(1.0)
+        moved = model(**enc).logits
+    assert (moved - zero).abs().max() > 1e-5  # an ignored prefix leaves them bit-identical
+    dup = copy.deepcopy(base)
+    with torch.no_grad():
+        dup.classifier.weight.zero_()
+        dup.classifier.bias.zero_()
+        torch.testing.assert_close(dup(**enc).logits, torch.zeros_like(plain))

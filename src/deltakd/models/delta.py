@@ -109,6 +109,8 @@ def attach_delta(model: PreTrainedModel, cfg: PeftConfig, base_path: str, causal
         return add_bottleneck_adapters(model, bottleneck_spec(cfg))
     import peft
 
+    if isinstance(cfg, PrefixPeft) and not causal_lm:
+        accept_past_key_values(model)
     try:
         wrapped = peft.get_peft_model(model, peft_config(cfg, base_path, causal_lm))
     except ValueError as e:
@@ -119,6 +121,33 @@ def attach_delta(model: PreTrainedModel, cfg: PeftConfig, base_path: str, causal
     elif trainable_tokens:
         train_embedding_rows(wrapped, trainable_tokens)
     return wrapped
+
+
+def _forward_taking_past_key_values(self: torch.nn.Module, *args: Any, past_key_values: Any = None,
+                                    **kwargs: Any) -> Any:
+    if past_key_values is not None:
+        kwargs["cache"] = past_key_values
+    return type(self).forward(self, *args, **kwargs)
+
+
+def accept_past_key_values(model: torch.nn.Module) -> None:
+    """Let peft prefix-tune a classifier whose forward names the cache ``cache``.
+
+    peft 0.21 prefix tuning on a sequence classifier looks for ``past_key_values`` in the model's
+    forward signature and otherwise refuses the model; transformers 5.24 renamed that argument
+    ``cache`` (BERT-style classifiers pass it on to their encoder through ``**kwargs``). This
+    instance gets a forward that takes the old name and hands it on as ``cache``; a bound method,
+    so ``copy.deepcopy`` of the model binds the copy's own forward. No-op where not needed.
+    """
+    import inspect
+    import types
+
+    params = inspect.signature(type(model).forward).parameters
+    if "past_key_values" in params or "cache" in params:
+        return
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    model.forward = types.MethodType(_forward_taking_past_key_values, model)
 
 
 def train_embedding_rows(model: torch.nn.Module, rows: Sequence[int]) -> None:
@@ -272,6 +301,7 @@ def load_trained(directory: str | Path, merged: bool = False) -> tuple[torch.nn.
         if fmt == "peft":
             from peft import PeftModel
 
+            accept_past_key_values(base)  # prefix tuning (a no-op otherwise)
             model = PeftModel.from_pretrained(base, directory)
         else:
             from .bottleneck import load_bottleneck
