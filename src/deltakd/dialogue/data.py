@@ -20,7 +20,7 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 
@@ -36,14 +36,13 @@ EOU = "__eou__"
 IGNORE_INDEX = -100
 
 
-
 def act_token(act: str) -> str:
     """The added token that stands for ``act`` when ``act_tokens`` is on: ``<|question|>``."""
     return f"<|{act}|>"
 
 
 ActPosition = Literal["first", "before_response", "opens_response"]
-ACT_POSITIONS: tuple[str, ...] = ("first", "before_response", "opens_response")
+ACT_POSITIONS: tuple[str, ...] = get_args(ActPosition)
 
 
 class Turn(NamedTuple):

@@ -103,7 +103,7 @@ def add_act_tokens(model: Any, tokenizer: Any) -> list[int]:
     new = [a for a, t in zip(ACTS, tokens) if t not in vocab]
     pieces = {a: tokenizer(a, add_special_tokens=False)["input_ids"] for a in new}  # before the tokens exist
     if new:
-        tokenizer.add_tokens([act_token(a) for a in new], special_tokens=True)
+        tokenizer.add_tokens([t for t in tokens if t not in vocab], special_tokens=True)
     ids = tokenizer.convert_tokens_to_ids(tokens)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
