@@ -299,7 +299,7 @@ def test_cli_pipeline_log_dir_init_from_no_test_then_eval(world, tmp_path, monke
     import sys
 
     proc = subprocess.run([sys.executable, "-c", "from deltakd.cli import main; main()", "pipeline", str(a),
-                           "--set", "loss.temperature=-1", "--log-dir", str(logs)],
+                           *sets, "--set", "loss.temperature=-1", "--log-dir", str(logs)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "loss.temperature" in proc.stderr
