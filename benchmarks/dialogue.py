@@ -44,17 +44,18 @@ def _untuned_response_ppl(pretrain_dir: str, tuned_recipe, scratch: Path) -> flo
     """Perplexity of the pre-trained LM on the tuned recipes' test response tokens (same examples)."""
     import math
 
-    from deltakd import engine
-    from deltakd.dialogue.data import DialogueCollator
+    from deltakd.families import FAMILIES
+    from deltakd.runner import evaluate_model
+    from deltakd.data.dailydialog import DialogueCollator
     from deltakd.dialogue.train import add_act_tokens
     from deltakd.models.delta import load_trained
 
     model, tok = load_trained(Path(pretrain_dir) / "model")
     if tuned_recipe.task.dialogue.act_tokens:  # the untuned act tokens: the act words' mean embedding
         add_act_tokens(model, tok)
-    task, data = engine.eval_data(tuned_recipe, tok)
-    m = engine.evaluate_model(model, tok, data["test"], task, tuned_recipe.train.eval_batch_size, scratch,
-                              collator=DialogueCollator(tok.pad_token_id))
+    task, data = FAMILIES["dialogue"].eval_data(tuned_recipe, tok)
+    m = evaluate_model(model, tok, data["test"], task, tuned_recipe.train.eval_batch_size, scratch,
+                       collator=DialogueCollator(tok.pad_token_id))
     return math.exp(min(m["loss"], 50.0))
 
 
@@ -114,7 +115,7 @@ def main() -> None:
     for m in a.methods:
         tuned[m] = api.train(recipes / f"{m}.yaml",
                              [*common, f"model.name={pre['run_dir']}", f"train.epochs={a.epochs}", *a.sets])
-    from deltakd.dialogue.data import ACTS
+    from deltakd.data.dailydialog import ACTS
 
     for m in a.per_act:
         runs = {act: api.train(recipes / f"{m}.yaml", [*common, f"model.name={pre['run_dir']}",

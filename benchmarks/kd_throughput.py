@@ -38,16 +38,19 @@ from train_overhead import StepClock, make_data, seconds_per_step  # noqa: E402
 
 def step_time(recipe, warmup: int) -> tuple[float, float]:
     """Seconds per training step after ``warmup`` steps, and seconds spent preparing (cache build)."""
-    from deltakd import engine
+    from deltakd import families
+    from deltakd.runner import training_arguments
+    from deltakd.runner.callbacks import MetricsLogCallback
     from deltakd.runs import new_run_dir
 
     t0 = time.perf_counter()
-    prep = engine.prepare(recipe)
+    fam = families.family_of(recipe)
+    prep = fam.prepare(recipe)
     prepare_s = time.perf_counter() - t0
     clock = StepClock()
     run = new_run_dir(recipe.output_dir, recipe.name)
-    args = engine.training_arguments(recipe.train, run, [], prep.task.spec.main_metric)
-    trainer = engine.make_trainer(prep, run, args, [clock])
+    args = training_arguments(recipe.train, run, [], prep.task.spec.main_metric)
+    trainer = fam.make_trainer(prep, args, [MetricsLogCallback(run), clock])
     trainer.train()
     return seconds_per_step(clock.times, warmup), prepare_s
 

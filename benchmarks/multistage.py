@@ -1,6 +1,6 @@
 """The multistage measurement of issue 4: teacher vs `mse` student vs best compressed stage-4 student.
 
-Runs (through ``deltakd.multistage.run.run_pipeline``, so finished stages are skipped on a rerun):
+Runs (through ``deltakd.pipeline.run_pipeline``, so finished stages are skipped on a rerun):
 
     mse -> bottleneck_distill -> rec_bottle_distill -> <stage 4 variants, default rec_bottle_mcl>
 
@@ -132,7 +132,7 @@ def main() -> int:
     args = p.parse_args()
 
     from deltakd.errors import DeltakdError
-    from deltakd.multistage.run import run_pipeline
+    from deltakd.pipeline import run_pipeline
     from deltakd.utils import atomic_write_json
 
     scratch = None

@@ -53,14 +53,17 @@ def seconds_per_step(times: list[float], warmup: int) -> float:
 
 
 def run_deltakd(recipe, warmup: int) -> float:
-    from deltakd import engine
+    from deltakd import families
+    from deltakd.runner import training_arguments
+    from deltakd.runner.callbacks import MetricsLogCallback
     from deltakd.runs import new_run_dir
 
-    prep = engine.prepare(recipe)
+    fam = families.family_of(recipe)
+    prep = fam.prepare(recipe)
     clock = StepClock()
     run = new_run_dir(recipe.output_dir, recipe.name)
-    args = engine.training_arguments(recipe.train, run, [], prep.task.spec.main_metric)
-    trainer = engine.make_trainer(prep, run, args, [clock])
+    args = training_arguments(recipe.train, run, [], prep.task.spec.main_metric)
+    trainer = fam.make_trainer(prep, args, [MetricsLogCallback(run), clock])
     trainer.train()
     return seconds_per_step(clock.times, warmup)
 
@@ -68,9 +71,9 @@ def run_deltakd(recipe, warmup: int) -> float:
 def run_plain(recipe, warmup: int) -> float:
     from transformers import DataCollatorWithPadding
 
-    from deltakd import engine
+    from deltakd import families
 
-    prep = engine.prepare(recipe)
+    prep = families.prepare(recipe)
     t = recipe.train
     model = prep.model.train()
     params = [p for p in model.parameters() if p.requires_grad]

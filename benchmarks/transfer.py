@@ -74,7 +74,8 @@ def overrides_for(p: dict, output_dir: str, library: str | None) -> list[str]:
 
 def main() -> None:
     from deltakd.transfer.report import pm
-    from deltakd.transfer.run import run_transfer, summarise
+    from deltakd.transfer.results import summarise
+    from deltakd.transfer.run import run_transfer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")

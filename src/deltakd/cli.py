@@ -13,11 +13,20 @@ from rich.table import Table
 
 from . import __version__
 from .errors import DeltakdError
+from .report.tables import print_results
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="deltakd: parameter-efficient fine-tuning, distillation and transfer from YAML recipes.")
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _api():
+    """:mod:`deltakd.api`, imported when a command runs: it pulls in torch and transformers, and
+    ``deltakd --help`` (or a bad option) should answer at once."""
+    from . import api  # lazy: see the docstring
+
+    return api
 
 
 def _version(value: bool) -> None:
@@ -37,8 +46,7 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
           overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. train.lr=3e-5"),
           resume: bool = typer.Option(False, "--resume", help="Continue the newest unfinished run of this recipe.")):
     """Train a recipe; results go to runs/<name>/<timestamp>/."""
-    from . import api
-    from .report.tables import print_results
+    api = _api()
 
     results = api.train(recipe, overrides or [], resume=resume)
     if results:
@@ -56,7 +64,7 @@ def pipeline(recipes: List[Path] = typer.Argument(..., help="Multistage stage re
                                                     "output_dir); init_from stage names resolve there too."),
              force: bool = typer.Option(False, "--force", help="Train every stage again, finished or not.")):
     """Run multistage stages in order (init_from chains them); finished stages are skipped on a rerun."""
-    from . import api
+    api = _api()
 
     outcomes = api.pipeline(recipes, sets or [], init_from=init_from, test=test, log_dir=log_dir, force=force)
     table = Table(title="multistage pipeline")
@@ -78,7 +86,7 @@ def eval_(run_dir: Path = typer.Argument(..., help="A finished run directory."),
           split: str = typer.Option("test", "--split", help="valid or test (or train)."),
           batch_size: Optional[int] = typer.Option(None, "--batch-size")):
     """Evaluate a run's saved model on a split of its task."""
-    from . import api
+    api = _api()
 
     metrics = api.evaluate(run_dir, split, batch_size)
     table = Table(title=f"{run_dir} [{split}]")
@@ -99,7 +107,7 @@ def generate(run_dir: Path = typer.Argument(..., help="A finished causal-LM run 
              num: int = typer.Option(1, "--num", min=1, help="How many continuations."),
              seed: int = typer.Option(0, "--seed")):
     """Generate text with a causal-LM run."""
-    from . import api
+    api = _api()
 
     outs = api.generate(run_dir, prompt, max_new_tokens, greedy, temperature, top_k or None, top_p, seed, num)
     for i, text in enumerate(outs):
@@ -128,7 +136,7 @@ def dialogue_eval(run_dir: Path = typer.Argument(..., help="A finished DailyDial
                       None, "--template-from", help="Ask in this dialogue run's example format (act position, act "
                                                     "tokens, contexts), e.g. an untuned LM as the tuned runs are.")):
     """Generate a response per context for a requested act, classify it, report control accuracy and BLEU."""
-    from . import api
+    api = _api()
 
     res = api.dialogue_eval(run_dir, classifier, split, max_contexts, acts, greedy, max_new_tokens, temperature,
                             top_k or None, top_p, seed, batch_size, sensitivity, template_from=template_from)
@@ -148,7 +156,7 @@ def dialogue_eval(run_dir: Path = typer.Argument(..., help="A finished DailyDial
 @app.command()
 def recipes(root: Path = typer.Argument(Path("recipes"), help="Folder of recipes.")):
     """List recipes with a one-line description each."""
-    from . import api
+    api = _api()
 
     table = Table(show_header=True)
     table.add_column("recipe")
@@ -169,8 +177,8 @@ def sweep(recipe: Path = typer.Argument(..., help="Recipe YAML file with a sweep
     """Run the recipe's sweep: grid, one run per setting; rerun to resume. Output: runs/<name>-sweep/."""
     from rich.text import Text
 
-    from . import api
-    from .report.compare import best_lines, summary_table
+    api = _api()
+    from .report.compare import best_lines, summary_table  # lazy: plotting stack, as _api
 
     result = api.sweep(recipe, overrides or [], backend=backend, ray_address=ray_address,
                        cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
@@ -192,7 +200,7 @@ def sweep(recipe: Path = typer.Argument(..., help="Recipe YAML file with a sweep
 def report(paths: List[Path] = typer.Argument(..., help="Run dirs, run-name folders (runs/<name>) or sweep dirs."),
            out: Path = typer.Option(Path("report"), "--out", help="Folder for report.md, report.html and PNGs.")):
     """Compare runs and sweeps in one markdown and one self-contained HTML page."""
-    from . import api
+    api = _api()
 
     files = api.report(paths, out)
     console.print(f"wrote {files['markdown']} and {files['html']}", markup=False, highlight=False)
@@ -205,8 +213,8 @@ def transfer(recipe: Path = typer.Argument(..., help="Transfer recipe YAML file 
     """Train source modules (reused when finished), estimate similarities, fuse, tune k-shot targets; rerun to resume."""
     from rich.text import Text
 
-    from . import api
-    from .transfer.report import results_rows
+    api = _api()
+    from .transfer.report import results_rows  # lazy: as _api
 
     result = api.transfer(recipe, overrides or [])
     headers, rows, _ = results_rows(result, list(dict.fromkeys(r.target for r in result.runs)))

@@ -32,13 +32,20 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from rich.console import Console
+from rich.progress_bar import ProgressBar
+from rich.table import Table
 
+from . import families
 from .errors import DeltakdError
-from .recipe import Recipe, apply_overrides, dump_recipe, load_raw, validate
+from .recipe import apply_overrides, load_raw
 from .recipe.load import parse_override
-from .report.compare import (SEED_KEY, SWEEP_MANIFEST, SweepSummary, Trial, fmt_value, load_run, newest_finished,
-                             short_keys, summarize, summary_chart, summary_csv, summary_markdown)
-from .runs import RunDir, latest_run, load_run_recipe
+from .report.compare import (SEED_KEY, SWEEP_MANIFEST, SweepSummary, Trial, fmt_value, load_run, short_keys,
+                             summarize, summary_chart, summary_csv, summary_markdown)
+from .report.plots import atomic_write_bytes
+from .runner import Family, lifecycle
+from .runner.family import read_recipe_data
+from .runs import RunDir, latest_run, newest_finished
+from .trackers import check_trackers
 from .utils import atomic_write_json, atomic_write_text
 
 BACKENDS = ("local", "ray")
@@ -53,7 +60,8 @@ class TrialSpec:
     name: str
     setting: dict[str, Any]
     overrides: tuple[str, ...]
-    recipe: Recipe
+    recipe: Any  # the family's recipe model
+    family: Family
 
 
 @dataclass
@@ -128,17 +136,18 @@ def _split_overrides(overrides: Iterable[str]) -> tuple[list[str], dict[str, lis
     return plain, grid
 
 
-def plan_sweep(recipe: str | Path | Recipe, overrides: Iterable[str] = ()) -> SweepPlan:
-    """Expand the grid into validated trials. Raises DeltakdError (one line) on any bad key or value."""
+def plan_sweep(recipe: str | Path | Any, overrides: Iterable[str] = ()) -> SweepPlan:
+    """Expand the grid into validated trials (of any family). Raises DeltakdError (one line) on any bad key or value."""
     plain, cli_grid = _split_overrides(overrides)
-    if isinstance(recipe, Recipe):
-        data, source = dump_recipe(recipe), f"recipe '{recipe.name}'"
-    else:
+    if isinstance(recipe, (str, Path)):
         data, source = load_raw(recipe), str(recipe)
+    else:
+        data, source = families.family_of(recipe).dump(recipe), f"recipe '{recipe.name}'"
     data = apply_overrides(data, plain)
     if cli_grid:
         data["sweep"] = {**(data.get("sweep") or {}), **cli_grid}
-    base = validate(data, source=source)
+    fam = families.family_of(data)
+    base = fam.validate(data, source=source)
     if not base.sweep:
         raise DeltakdError(f"{source}: no sweep grid; add e.g. 'sweep: {{train.lr: [1.0e-5, 2.0e-5]}}' to the "
                            "recipe or pass sweep.train.lr=[1e-5,2e-5]")
@@ -162,8 +171,8 @@ def plan_sweep(recipe: str | Path | Recipe, overrides: Iterable[str] = ()) -> Sw
         ovr = tuple(_override(k, v) for k, v in setting.items())
         trial_data = apply_overrides(data, ovr)
         trial_data.update(name=name, output_dir=str(sweep_dir), sweep=None)
-        trial_recipe = validate(trial_data, source=f"{source} [sweep trial {' '.join(ovr)}]")
-        trials.append(TrialSpec(name, setting, ovr, trial_recipe))
+        trial_recipe = fam.validate(trial_data, source=f"{source} [sweep trial {' '.join(ovr)}]")
+        trials.append(TrialSpec(name, setting, ovr, trial_recipe, fam))
     return SweepPlan(base.name, source, sweep_dir, grid, trials)
 
 
@@ -173,12 +182,10 @@ def plan_sweep(recipe: str | Path | Recipe, overrides: Iterable[str] = ()) -> Sw
 def _state(spec: TrialSpec) -> tuple[str, RunDir | None]:
     """'done' (newest run finished), 'resume' (newest run unfinished) or 'new'; a run made from a
     different recipe is an error rather than silently mixed into the summary."""
-    from .api import _same_recipe
-
     run = latest_run(spec.recipe.output_dir, spec.name)
     if run is None:
         return "new", None
-    changed = _same_recipe(load_run_recipe(run), spec.recipe)
+    changed = spec.family.differences(read_recipe_data(run), spec.recipe)
     if changed:
         raise DeltakdError(f"sweep: trial '{spec.name}' already has a run '{run.path}' made from a different "
                            f"recipe (differs at {', '.join(changed)}); remove it or use another output_dir")
@@ -187,7 +194,7 @@ def _state(spec: TrialSpec) -> tuple[str, RunDir | None]:
 
 def _ray():
     try:
-        import ray
+        import ray  # optional dependency: only the ray backend needs it
     except ImportError:
         raise DeltakdError("--backend ray: the 'ray' package is not installed; pip install 'ray[default]' "
                            "(or use --backend local)") from None
@@ -195,12 +202,10 @@ def _ray():
 
 
 def _train_remote(recipe_data: dict[str, Any], resume: bool) -> str:
-    """A trial on a Ray worker: the same ``api.train`` as the local backend; returns the run dir."""
-    from deltakd import api
-    from deltakd.recipe import validate as _validate
-
-    results = api.train(_validate(recipe_data, source="sweep trial", check_files=False), resume=resume)
-    return str(results.get("run_dir", ""))
+    """A trial on a Ray worker: the same lifecycle as the local backend; returns the run dir."""
+    fam = families.family_of(recipe_data)
+    results = lifecycle.run(fam.validate(recipe_data, source="sweep trial", check_files=False), fam, resume=resume)
+    return results.run_dir if results is not None else ""
 
 
 def _run_ray(todo: list[tuple[TrialSpec, bool]], on_done: Callable[[TrialSpec], None], address: str | None,
@@ -209,7 +214,7 @@ def _run_ray(todo: list[tuple[TrialSpec, bool]], on_done: Callable[[TrialSpec], 
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True)
     task = ray.remote(_train_remote).options(num_cpus=cpus_per_trial, num_gpus=gpus_per_trial, max_retries=0)
-    pending = {task.remote(dump_recipe(spec.recipe), resume): spec for spec, resume in todo}
+    pending = {task.remote(spec.family.dump(spec.recipe), resume): spec for spec, resume in todo}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         for ref in ready:
@@ -227,28 +232,21 @@ class _Progress:
     def show(self, note: str) -> None:
         if self.console is None:
             return
-        from rich.progress_bar import ProgressBar
-        from rich.table import Table
-
         row = Table.grid(padding=(0, 1))
         row.add_row(f"[bold]sweep {self.name}[/bold]", ProgressBar(total=self.total, completed=self.done, width=30),
                     f"{self.done}/{self.total} trials done", note)
         self.console.print(row)
 
 
-def run_sweep(recipe: str | Path | Recipe, overrides: Iterable[str] = (), backend: str = "local",
+def run_sweep(recipe: str | Path | Any, overrides: Iterable[str] = (), backend: str = "local",
               ray_address: str | None = None, cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0,
               console: Console | None = None, progress: bool = True) -> SweepResult:
     """Run every trial of the grid not yet finished, then write the summary. See the module docstring."""
-    from . import api
-
     if backend not in BACKENDS:
         raise DeltakdError(f"--backend: '{backend}' is not one of {', '.join(BACKENDS)}")
     if backend == "ray":
         _ray()  # fail before anything is written
     plan = plan_sweep(recipe, overrides)
-    from .trackers import check_trackers
-
     for spec in plan.trials:
         check_trackers(spec.recipe.track)
     states = {spec.name: _state(spec) for spec in plan.trials}
@@ -267,7 +265,7 @@ def run_sweep(recipe: str | Path | Recipe, overrides: Iterable[str] = (), backen
     else:
         for spec, resume in todo:
             bar.show(f"{'resuming' if resume else 'running'} {spec.name}")
-            api.train(spec.recipe, resume=resume)
+            lifecycle.run(spec.recipe, spec.family, resume=resume)
             finished(spec)
     ran = {spec.name: ("resumed" if resume else "ran") for spec, resume in todo}
     return _finish(plan, ran)
@@ -277,8 +275,8 @@ def _finish(plan: SweepPlan, ran: dict[str, str]) -> SweepResult:
     trials, outcomes = [], []
     for spec in plan.trials:
         done = newest_finished(plan.sweep_dir / spec.name)
-        trials.append(Trial(spec.name, spec.setting, load_run(done) if done else None))
-        outcomes.append(TrialOutcome(spec.name, spec.setting, ran.get(spec.name, "skipped"), done))
+        trials.append(Trial(spec.name, spec.setting, load_run(done.path) if done else None))
+        outcomes.append(TrialOutcome(spec.name, spec.setting, ran.get(spec.name, "skipped"), done.path if done else None))
     summary = summarize(plan.name, trials)
     files = write_summary(plan.sweep_dir, summary, plan.grid)
     _write_manifest(plan, {o.name: ("done" if o.run_dir else "new", RunDir(o.run_dir) if o.run_dir else None)
@@ -300,8 +298,6 @@ def _write_manifest(plan: SweepPlan, states: dict[str, tuple[str, RunDir | None]
 
 def write_summary(sweep_dir: Path, summary: SweepSummary, grid: dict[str, list[Any]] | None = None) -> dict[str, Path]:
     """``summary.csv``, ``summary.md`` and ``summary.png`` in ``sweep_dir`` (each written atomically)."""
-    from .report.plots import atomic_write_bytes
-
     files = {"csv": sweep_dir / "summary.csv", "markdown": sweep_dir / "summary.md"}
     if os.environ.get("RANK", "0") not in ("", "0"):
         return {}  # under torchrun only the main process writes

@@ -8,7 +8,7 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from deltakd.data.lm import train_bpe_tokenizer
-from deltakd.dialogue.data import Dialogue, read_dailydialog
+from deltakd.data.dailydialog import Dialogue, read_dailydialog
 
 from ..conftest import ROOT
 

@@ -11,7 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from deltakd.data.readers import read_file
 from deltakd.data.tasks import TaskSpec
-from deltakd.dialogue.data import (ACTS, EMOTIONS, IGNORE_INDEX, DialogueCollator, DialogueFormat,
+from deltakd.data.dailydialog import (ACTS, EMOTIONS, IGNORE_INDEX, DialogueCollator, DialogueFormat,
                                    ResponseExample, Turn, encode_generation_prompts, encode_response_example,
                                    encode_response_examples, generation_batch, read_dailydialog,
                                    read_dailydialog_files, response_examples, response_from_generation,
@@ -28,7 +28,7 @@ GOOD = ("Hi . __eou__ Hello ! How are you ? __eou__ Fine . __eou__", "1 2 1 ", "
 # ---- reader: shipped sample ---------------------------------------------------------------------
 
 def test_reads_shipped_sample_and_drops_the_short_labelled_dialogue(caplog):
-    with caplog.at_level(logging.WARNING, logger="deltakd.dialogue.data"):
+    with caplog.at_level(logging.WARNING, logger="deltakd.data.dailydialog"):
         dialogues, stats = read_dailydialog_files(*split_files(SAMPLE, "train"))
     assert (stats.dialogues, stats.turns, stats.short_label_lines) == (240, 1959, (167,))
     warnings = [r.getMessage() for r in caplog.records]
@@ -76,7 +76,7 @@ def write_split(folder: Path, rows: list[tuple[str, str, str]], split: str = "tr
 def test_one_short_labels_are_dropped_with_a_counted_warning(tmp_path, caplog):
     short = ("A . __eou__ B ? __eou__ C ! __eou__ D . __eou__", "1 2 3 ", "0 0 6 ")
     folder = write_split(tmp_path / "dd", [GOOD, short, GOOD, short], gz=True)  # flat layout, gz text
-    with caplog.at_level(logging.WARNING, logger="deltakd.dialogue.data"):
+    with caplog.at_level(logging.WARNING, logger="deltakd.data.dailydialog"):
         dialogues, stats = read_dailydialog_files(*split_files(folder, "train"))
         kept, kept_stats = read_dailydialog_files(*split_files(folder, "train"), short_labels="drop_last_turn")
     assert stats.short_label_lines == kept_stats.short_label_lines == (2, 4)
@@ -160,7 +160,7 @@ def test_act_tokens_are_one_added_token_each(dd_tokenizer):
     """act_tokens: the act is one added token (not the word's pieces) and opens the response."""
     import copy
 
-    from deltakd.dialogue.data import ACTS, act_token
+    from deltakd.data.dailydialog import ACTS, act_token
 
     tok = copy.deepcopy(dd_tokenizer)
     fmt = DialogueFormat("opens_response", max_length=128, act_tokens=True)

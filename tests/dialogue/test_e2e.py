@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltakd import api, engine
-from deltakd.dialogue.data import IGNORE_INDEX, DialogueCollator
+from deltakd import api, families
+from deltakd.runner import evaluate_model
+from deltakd.data.dailydialog import IGNORE_INDEX, DialogueCollator
 from deltakd.dialogue.evaluate import ActClassifier, GenerationSettings, generate_responses
 from deltakd.errors import DeltakdError
 from deltakd.models.delta import load_trained
@@ -78,7 +79,7 @@ train: {{epochs: 1, lr: 1.0e-3, batch_size: 32, eval_batch_size: 64, seed: 1, lo
 def test_loss_covers_only_response_tokens(runs):
     tmp = runs["tmp"]
     recipe = load_recipe(_tuned(tmp, "check", "{method: full}"))
-    prep = engine.prepare(recipe)
+    prep = families.prepare(recipe)
     tok = prep.tokenizer
     eos = tok.eos_token_id
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -108,12 +109,12 @@ def test_loss_covers_only_response_tokens(runs):
         n = len(prep.datasets["train"][i]["input_ids"])
         assert batch["labels"][i, n:].eq(IGNORE_INDEX).all() and batch["attention_mask"][i, n:].eq(0).all()
     # the pre-training text uses the same eos layout: turn <eos> turn <eos>
-    from deltakd.dialogue.tasks import lm_texts
+    from deltakd.data.dailydialog_tasks import lm_texts
 
     texts = lm_texts(recipe.task)
     first = [t for d in [texts["train"][:3]] for t in d]
     stream = [t for s in first for t in enc(s) + [eos]]
-    pre = engine.prepare(load_recipe(tmp / "pre.yaml"))
+    pre = families.prepare(load_recipe(tmp / "pre.yaml"))
     assert pre.datasets["train"][0]["input_ids"] == stream[:32]
 
 
@@ -131,9 +132,9 @@ def test_tuned_methods_train_save_reload_and_beat_the_untuned_model(runs):
     # the untuned pre-trained model on the same response tokens
     model, tok = load_trained(Path(pre["run_dir"]) / "model")
     recipe = load_recipe(runs["tmp"] / "lora.yaml")
-    task, data = engine.eval_data(recipe, tok)
-    untuned = engine.evaluate_model(model, tok, data["test"], task, 32, runs["tmp"] / "scratch",
-                                    collator=DialogueCollator(tok.pad_token_id))
+    task, data = families.FAMILIES["dialogue"].eval_data(recipe, tok)
+    untuned = evaluate_model(model, tok, data["test"], task, 32, runs["tmp"] / "scratch",
+                             collator=DialogueCollator(tok.pad_token_id))
     assert prefix["metrics"]["test"]["loss"] < untuned["loss"]
     assert lora["metrics"]["test"]["loss"] < untuned["loss"]
 
@@ -170,8 +171,8 @@ def test_dialogue_eval_metrics_match_hand_computation(runs):
 
 
 def test_generation_does_not_depend_on_batching(runs):
-    from deltakd.dialogue.data import encode_generation_prompts
-    from deltakd.dialogue.tasks import dialogue_format, response_split
+    from deltakd.data.dailydialog import encode_generation_prompts
+    from deltakd.data.dailydialog_tasks import dialogue_format, response_split
 
     model, tok = load_trained(Path(runs["prefix"]["run_dir"]) / "model")
     recipe = load_recipe(runs["tmp"] / "prefix.yaml")
@@ -222,7 +223,7 @@ peft: {{method: lora, target: [c_attn]}}
 track: []
 """))
     with pytest.raises(DeltakdError, match="lora needs a pretrained causal LM"):
-        engine.prepare(recipe)
+        families.prepare(recipe)
 
 
 def test_dialogue_eval_rejects_a_classifier_that_is_not_an_act_classifier(runs):
@@ -284,7 +285,7 @@ def test_a_prefix_per_act_trains_on_its_act_and_answers_for_it(runs):
     """only_acts keeps one act's response turns (every split); dialogue_eval with a run per act
     asks each act's run for that act's responses, over the whole split."""
     tmp = runs["tmp"]
-    from deltakd.dialogue.data import ACTS
+    from deltakd.data.dailydialog import ACTS
 
     per_act = {}
     for act in ACTS:
@@ -323,7 +324,7 @@ def test_a_prefix_per_act_trains_on_its_act_and_answers_for_it(runs):
 
 
 def runs_contexts(runs) -> int:
-    from deltakd.dialogue.tasks import response_split
+    from deltakd.data.dailydialog_tasks import response_split
     from deltakd.runs import RunDir, load_run_recipe
 
     return len(response_split(load_run_recipe(RunDir(Path(runs["prefix"]["run_dir"]))).task, "test"))
@@ -337,7 +338,7 @@ def test_act_tokens_train_only_their_rows_and_reload_with_plain_peft(runs, metho
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from deltakd.dialogue.data import ACTS, act_token
+    from deltakd.data.dailydialog import ACTS, act_token
     from deltakd.dialogue.train import add_act_tokens
 
     tmp = runs["tmp"]
@@ -377,7 +378,7 @@ def test_act_tokens_train_only_their_rows_and_reload_with_plain_peft(runs, metho
         assert torch.allclose(lm(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5)
 
     # the training examples: one act token, right before the response
-    prep = engine.prepare(load_recipe(recipe, ["task.dialogue.act_tokens=true",
+    prep = families.prepare(load_recipe(recipe, ["task.dialogue.act_tokens=true",
                                                "task.dialogue.act_position=opens_response"]))
     for ex, row in list(zip(prep.task.splits["train"], prep.datasets["train"]))[:50]:
         n_prompt = row["labels"].count(IGNORE_INDEX)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from deltakd.data import load_task
-from deltakd.dialogue.data import ACTS
-from deltakd.dialogue.tasks import dialogue_format, lm_texts, response_split
+from deltakd.data.dailydialog import ACTS
+from deltakd.data.dailydialog_tasks import dialogue_format, lm_texts, response_split
 from deltakd.errors import DeltakdError
 from deltakd.recipe.schema import TaskConfig
 

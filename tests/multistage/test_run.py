@@ -17,7 +17,8 @@ import torch
 import yaml
 
 from deltakd.errors import DeltakdError
-from deltakd.multistage import run as msrun
+from deltakd import pipeline as msrun
+from deltakd.multistage import stage as msstage
 from deltakd.multistage.evaluate import hf_encoder, st_encoder
 from deltakd.multistage.models import layer_pattern, load_student, multistage_spec
 from deltakd.multistage.recipe import load_multistage_recipe
@@ -195,18 +196,18 @@ def test_pipeline_rerun_skips_and_retrains_what_follows_a_retrained_stage(world,
 def test_pipeline_resumes_an_interrupted_stage_and_tests_an_untested_one(world, tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     p = STAGES / "mse.yaml"
-    import deltakd.engine as engine
+    import deltakd.runner.lifecycle as engine
 
-    real = engine._keep_best_and_last
+    real = engine.keep_best_and_last
 
     def crash(*a, **k):
         raise RuntimeError("killed after training")
 
-    monkeypatch.setattr(engine, "_keep_best_and_last", crash)
+    monkeypatch.setattr(engine, "keep_best_and_last", crash)
     sets = [*tiny(world, p, runs), "train.eval_every=8", "train.save_total_limit=3"]
     with pytest.raises(RuntimeError):
         msrun.run_pipeline([p], sets)
-    monkeypatch.setattr(engine, "_keep_best_and_last", real)
+    monkeypatch.setattr(engine, "keep_best_and_last", real)
     [run_dir] = list((runs / "mse").iterdir())
     ckpts = sorted(c.name for c in (run_dir / "checkpoints").glob("checkpoint-*"))
     assert not (run_dir / "results.json").exists() and ckpts == ["checkpoint-16", "checkpoint-24", "checkpoint-8"]
@@ -228,7 +229,7 @@ def test_teacher_embeddings_are_cached_once(world, monkeypatch):
     from deltakd.multistage import teacher as msteacher
 
     recipe = load_multistage_recipe(STAGES / "mse.yaml", tiny(world, STAGES / "mse.yaml"))
-    stage = msrun.prepare_stage(recipe)
+    stage = msstage.prepare_stage(recipe)
     assert stage.targets.path is not None and stage.targets.path.is_dir()
     expected = stage.teacher.encode(stage.split.train[0].english, convert_to_tensor=True).float()
     assert torch.allclose(stage.targets.lookup([stage.split.train[0].english])[0], expected, atol=1e-5)
@@ -239,7 +240,7 @@ def test_teacher_embeddings_are_cached_once(world, monkeypatch):
         raise AssertionError("teacher ran again")
 
     monkeypatch.setattr(msteacher, "_encode", no_encode)
-    again = msrun.prepare_stage(recipe)
+    again = msstage.prepare_stage(recipe)
     assert again.targets.path == stage.targets.path
     assert torch.equal(again.targets.embeddings, stage.targets.embeddings)
 
@@ -336,14 +337,14 @@ def test_recurrence_search_keeps_the_subset_closest_to_the_teacher(world, tmp_pa
     assert "recurrence search over 6 subsets" in notes
     # re-score by hand: the chosen keep is the minimum of the reported best three
     recipe = load_multistage_recipe(path, over)
-    stage = msrun.prepare_stage(recipe)
+    stage = msstage.prepare_stage(recipe)
     from deltakd.multistage.models import recurrence_pattern, search_keep
 
     from deltakd.multistage.models import transformer_parts
 
     teacher_model = transformer_parts(stage.teacher)[0]
     sample = list(dict.fromkeys(p.english for p in stage.split.train))[:16]
-    score = msrun._search_score(stage.tokenizer, sample, stage.targets, stage.normalize, 8)
+    score = msstage._search_score(stage.tokenizer, sample, stage.targets, stage.normalize, 8)
     best, scored = search_keep(teacher_model, 2, 4, "nearest", score, progress=False)
     values = {tuple(c): v for c, v in scored}
     assert values[tuple(best)] == min(values.values()) and len(set(values.values())) > 1

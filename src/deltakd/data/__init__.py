@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..errors import DeltakdError
 from ..recipe.schema import TaskConfig
+from .dailydialog_tasks import read_act_task
 from .readers import Example, read_file, read_hf
 from .splits import k_shot, resplit, subset
 from .tasks import PRESETS, TaskSpec, resolve_task
@@ -25,8 +26,6 @@ class TaskData:
 def load_task(cfg: TaskConfig, seed: int) -> TaskData:
     """Read, validate, split and sample a task as its recipe section says."""
     if cfg.dialogue is not None:  # DailyDialog utterances labelled with their dialogue act
-        from ..dialogue.tasks import read_act_task
-
         spec, raw = read_act_task(cfg)
     elif cfg.hf is not None:
         spec = resolve_task(cfg)

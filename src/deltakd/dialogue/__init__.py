@@ -4,7 +4,7 @@ are imported from their modules."""
 
 from __future__ import annotations
 
-from .data import (ACTS, EMOTIONS, DialogueCollator, DialogueFormat, ReadStats, ResponseExample, Turn,
+from ..data.dailydialog import (ACTS, EMOTIONS, DialogueCollator, DialogueFormat, ReadStats, ResponseExample, Turn,
                    encode_generation_prompts, encode_response_example, encode_response_examples,
                    generation_batch, model_max_positions, read_dailydialog, read_dailydialog_files,
                    response_examples, response_from_generation, split_files, utterance_examples,

@@ -19,10 +19,10 @@ from typing import Any, Literal
 import torch
 
 from ..errors import DeltakdError
-from ..models.delta import META_FILE, count_parameters, generate_new_tokens, load_trained, read_meta
+from ..models.delta import META_FILE, count_parameters, find_model_dir, generate_new_tokens, load_trained, read_meta
 from ..runs import RunDir, load_run_recipe
 from ..utils import atomic_write_json, atomic_write_text
-from .data import (ACTS, DialogueFormat, ResponseExample, act_token, encode_generation_prompts,
+from ..data.dailydialog import (ACTS, DialogueFormat, ResponseExample, act_token, encode_generation_prompts,
                    encode_response_example, model_max_positions, response_from_generation)
 from .metrics import control_accuracy, dialogue_metrics
 
@@ -54,22 +54,11 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _model_dir(path: str | Path, what: str) -> Path:
-    path = Path(path)
-    for cand in (path, path / "model"):
-        if (cand / META_FILE).is_file():
-            return cand
-    finished = sorted(p.parent for p in path.glob("*/results.json") if (p.parent / "model" / META_FILE).is_file())
-    if finished:
-        return finished[-1] / "model"
-    raise DeltakdError(f"{what}: '{path}' holds no finished deltakd run (no model/{META_FILE})")
-
-
 class ActClassifier:
     """A saved deltakd act classifier (labels: the four DailyDialog acts)."""
 
     def __init__(self, path: str | Path, max_length: int = 128) -> None:
-        model_dir = _model_dir(path, "--classifier")
+        model_dir = find_model_dir(path, "--classifier")
         meta = read_meta(model_dir)
         labels = tuple(meta.get("labels") or ())
         if meta["problem_type"] != "single_label_classification" or set(labels) != set(ACTS):
@@ -191,10 +180,10 @@ class _LM:
 def _load_lm(run_dir: str | Path, template: Any = None) -> _LM:
     """A run's LM with its example format; ``template`` (a ``task.dialogue`` section) replaces the
     run's own, e.g. to ask an untuned LM in the tuned runs' format (act tokens are added if missing)."""
-    from .tasks import dialogue_format
+    from ..data.dailydialog_tasks import dialogue_format
     from .train import add_act_tokens, virtual_tokens
 
-    model_dir = _model_dir(run_dir, "run")
+    model_dir = find_model_dir(run_dir, "run")
     meta = read_meta(model_dir)
     if meta["problem_type"] != "causal_lm":
         raise DeltakdError(f"'{run_dir}' is not a causal-LM run; dialogue-eval needs one")
@@ -252,7 +241,7 @@ def evaluate_dialogue(run_dir: str | Path | Mapping[str, str | Path], classifier
     format (act position, act tokens, context turns) instead of the run's own: the untuned LM
     compared with tuned runs is asked exactly as they are.
     """
-    from .tasks import response_split
+    from ..data.dailydialog_tasks import response_split
 
     if acts not in ("reference", "all"):
         raise DeltakdError(f"acts '{acts}' is unknown; valid: reference, all")
@@ -260,7 +249,7 @@ def evaluate_dialogue(run_dir: str | Path | Mapping[str, str | Path], classifier
         raise DeltakdError("dialogue-eval with a run per act needs an output folder (out_dir)")
     template = None
     if template_from is not None:
-        template = load_run_recipe(RunDir(_model_dir(template_from, "template_from").parent)).task.dialogue
+        template = load_run_recipe(RunDir(find_model_dir(template_from, "template_from").parent)).task.dialogue
         if template is None:
             raise DeltakdError(f"template_from: '{template_from}' has no task.dialogue section")
     lms = _routed(run_dir, template)

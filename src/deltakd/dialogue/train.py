@@ -14,17 +14,23 @@ from pathlib import Path
 from typing import Any, Callable
 
 import datasets as hf_datasets
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..data import TaskData, TaskSpec
+from ..data.lm import get_or_train_tokenizer
 from ..data.splits import subset
 from ..errors import DeltakdError
+from ..models.causal_lm import lm_config
 from ..models.delta import META_FILE, Head, attach_delta, read_meta
 from ..models.hub import load_pretrained, resolve_model_path
 from ..recipe import Recipe
 from ..recipe.schema import FullFT, PrefixPeft, PromptPeft, PTuningPeft
-from .data import (ACTS, DialogueCollator, DialogueFormat, ResponseExample, act_token, encode_response_examples,
+from ..runner import Prepared
+from ..runs import finished_runs
+from ..data.dailydialog import (ACTS, DialogueCollator, DialogueFormat, ResponseExample, act_token, encode_response_examples,
                    model_max_positions)
-from .tasks import RECIPE_SPLITS, dialogue_format, lm_texts, response_split
+from ..data.dailydialog_tasks import RECIPE_SPLITS, dialogue_format, lm_texts, response_split
 
 
 def _model_folder(name: str) -> Path | None:
@@ -42,8 +48,8 @@ def _model_folder(name: str) -> Path | None:
     elif (path / "model" / META_FILE).is_file():
         model_dir = path / "model"
     else:
-        finished = sorted(p.parent for p in path.glob("*/results.json") if (p.parent / "model" / META_FILE).is_file())
-        model_dir = finished[-1] / "model" if finished else path
+        finished = [r for r in finished_runs(path) if (r.model_dir / META_FILE).is_file()]
+        model_dir = finished[-1].model_dir if finished else path
     if (model_dir / META_FILE).is_file():
         meta = read_meta(model_dir)
         if meta["problem_type"] != "causal_lm" or meta["format"] != "transformers":
@@ -59,18 +65,12 @@ def load_causal_lm(recipe: Recipe, check: Callable[[Any], None] | None = None) -
 
     ``check(config)`` runs on the model's config before any weights load (position limits).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from ..data.lm import get_or_train_tokenizer
-
     mc = recipe.model
     if mc.config is not None:
         if not isinstance(recipe.peft, FullFT):
             raise DeltakdError(f"peft: {recipe.peft.method} needs a pretrained causal LM (model.name), "
                                "not a fresh model.config; train one with kind: lm first")
         tokenizer = get_or_train_tokenizer(mc.tokenizer, lm_texts(recipe.task)["train"], mc.vocab_size)
-        from ..engine import lm_config
-
         config = lm_config(mc.config, tokenizer, pad_token_id=tokenizer.pad_token_id)
         if check is not None:
             check(config)
@@ -96,8 +96,6 @@ def add_act_tokens(model: Any, tokenizer: Any) -> list[int]:
     (the row the word template gave it), so an untrained act token means what the word meant.
     The model's embeddings grow when the tokenizer outgrows them; a tied output layer follows.
     """
-    import torch
-
     tokens = [act_token(a) for a in ACTS]
     vocab = tokenizer.get_vocab()
     new = [a for a, t in zip(ACTS, tokens) if t not in vocab]
@@ -146,9 +144,7 @@ def _spec(recipe: Recipe) -> TaskSpec:
 
 
 def prepare_dialogue(recipe: Recipe):
-    """Examples, model with its delta module, collator: a :class:`deltakd.engine.Prepared`."""
-    from ..engine import Prepared
-
+    """Examples, model with its delta module, collator: a :class:`deltakd.runner.Prepared`."""
     if recipe.teacher is not None:
         raise DeltakdError("teacher: distillation is not part of the dialogue task; leave teacher out")
     splits = _splits(recipe)  # bad data fails before any model loads

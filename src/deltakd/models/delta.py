@@ -15,6 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from ..errors import DeltakdError
 from ..recipe.schema import (BottleneckPeft, FullFT, IA3Peft, LoraPeft, ModelConfig, PeftConfig, PrefixPeft,
                              PromptPeft, PTuningPeft)
+from ..runs import finished_runs
 from ..utils import atomic_write_json
 from .hub import load_pretrained, resolve_model_path
 
@@ -310,17 +311,16 @@ def load_trained(directory: str | Path, merged: bool = False) -> tuple[torch.nn.
     return model.eval(), tokenizer
 
 
-def find_model_dir(path: str | Path) -> Path:
+def find_model_dir(path: str | Path, what: str = "teacher.run") -> Path:
     """``model/`` of a run directory, of the newest finished run under a recipe's folder, or itself."""
     path = Path(path)
-    if (path / META_FILE).is_file():
-        return path
-    if (path / "model" / META_FILE).is_file():
-        return path / "model"
-    finished = sorted(p for p in path.glob("*/results.json"))
-    if finished and (finished[-1].parent / "model" / META_FILE).is_file():
-        return finished[-1].parent / "model"
-    raise DeltakdError(f"teacher.run: '{path}' holds no finished deltakd run (no model/{META_FILE})")
+    for cand in (path, path / "model"):
+        if (cand / META_FILE).is_file():
+            return cand
+    finished = [r for r in finished_runs(path) if (r.model_dir / META_FILE).is_file()]
+    if finished:
+        return finished[-1].model_dir
+    raise DeltakdError(f"{what}: '{path}' holds no finished deltakd run (no model/{META_FILE})")
 
 
 def load_teacher(cfg: Any, causal_lm: bool) -> tuple[torch.nn.Module, Any]:

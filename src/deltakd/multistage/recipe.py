@@ -31,6 +31,7 @@ from typing import Annotated, Any, Iterable, Literal
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..errors import DeltakdError
+from ..recipe.kinds import recipe_kind
 from ..recipe.load import apply_overrides, format_validation_error, load_raw
 from ..recipe.schema import Strict, Tracker, TrainConfig
 
@@ -217,6 +218,8 @@ class MultistageRecipe(Strict):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, lr=5e-5))
     track: list[Tracker] = Field(default_factory=list)
     output_dir: Path = Path("runs")
+    sweep: dict[str, Annotated[list[Any], Field(min_length=1)]] | None = Field(
+        default=None, description="grid for `deltakd sweep`: {dotted.key: [values...]}, e.g. {train.lr: [1e-5, 2e-5]}")
 
     @field_validator("init_from")
     @classmethod
@@ -234,7 +237,7 @@ class MultistageRecipe(Strict):
 
 def is_multistage(raw: dict[str, Any]) -> bool:
     """Whether a raw (merged) recipe dict belongs to this family."""
-    return isinstance(raw, dict) and raw.get("family") == FAMILY
+    return recipe_kind(raw) == FAMILY
 
 
 def is_multistage_file(path: str | Path) -> bool:

@@ -1,5 +1,7 @@
-"""Run directories: layout, resolved recipe with provenance, metrics log, results, resume."""
+"""Run directories: layout, resolved recipe with provenance, metrics log, typed results, resume."""
 
-from .rundir import (RunDir, find_resumable, latest_run, load_run_recipe, new_run_dir)
+from .results import RunResults
+from .rundir import RunDir, find_resumable, finished_runs, latest_run, load_run_recipe, new_run_dir, newest_finished
 
-__all__ = ["RunDir", "find_resumable", "latest_run", "load_run_recipe", "new_run_dir"]
+__all__ = ["RunDir", "RunResults", "find_resumable", "finished_runs", "latest_run", "load_run_recipe", "new_run_dir",
+           "newest_finished"]

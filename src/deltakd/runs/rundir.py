@@ -20,6 +20,7 @@ import yaml
 from ..errors import DeltakdError
 from ..recipe import Recipe, dump_recipe, validate
 from ..utils import atomic_write_json, atomic_write_text, git_commit, package_versions
+from .results import RunResults
 
 PROVENANCE_KEY = "provenance"
 
@@ -83,13 +84,14 @@ class RunDir:
         kept = [e for e in self.read_events() if e.get("step", 0) <= after_step]
         atomic_write_text(self.metrics_file, "".join(json.dumps(e) + "\n" for e in kept))
 
-    def write_results(self, results: dict[str, Any]) -> None:
-        atomic_write_json(self.results_file, results)
+    def write_results(self, results: RunResults) -> None:
+        """Written last and atomically: its presence marks the run finished."""
+        atomic_write_json(self.results_file, results.to_json())
 
-    def read_results(self) -> dict[str, Any]:
+    def read_results(self) -> RunResults:
         if not self.finished:
             raise DeltakdError(f"run '{self.path}' has not finished (no results.json); resume it with --resume")
-        return json.loads(self.results_file.read_text())
+        return RunResults.read(self.results_file)
 
 
 def new_run_dir(output_dir: Path, name: str) -> RunDir:
@@ -104,21 +106,36 @@ def new_run_dir(output_dir: Path, name: str) -> RunDir:
     return RunDir(path)
 
 
-def _runs_of(output_dir: Path, name: str) -> list[RunDir]:
+def runs_of(output_dir: Path, name: str) -> list[RunDir]:
     base = Path(output_dir) / name
     if not base.is_dir():
         return []
     return [RunDir(p) for p in sorted(base.iterdir()) if (p / "recipe.yaml").is_file()]
 
 
+def finished_runs(folder: str | Path) -> list[RunDir]:
+    """The finished runs directly under ``folder`` (a ``runs/<name>`` folder), oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return [RunDir(p) for p in sorted(folder.iterdir()) if p.is_dir() and (p / "results.json").is_file()]
+
+
+def newest_finished(folder: str | Path) -> RunDir | None:
+    """The newest finished run under a ``runs/<name>`` folder, or None: the one answer to "which run
+    of this name counts" for reports, sweeps, ``teacher.run``, ``init_from`` and dialogue bases."""
+    runs = finished_runs(folder)
+    return runs[-1] if runs else None
+
+
 def latest_run(output_dir: Path, name: str) -> RunDir | None:
-    runs = _runs_of(output_dir, name)
+    runs = runs_of(output_dir, name)
     return runs[-1] if runs else None
 
 
 def find_resumable(output_dir: Path, name: str) -> RunDir | None:
     """The newest run of ``name`` that did not finish."""
-    for run in reversed(_runs_of(output_dir, name)):
+    for run in reversed(runs_of(output_dir, name)):
         if not run.finished:
             return run
     return None

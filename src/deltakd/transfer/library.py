@@ -22,10 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..errors import DeltakdError
+from ..models.bottleneck import adapter_state_dict, bottleneck_modules
+from ..models.delta import find_model_dir, load_trained, read_meta
 from ..recipe import Recipe, validate
+from ..runs import RunResults
+from ..sweep import run_sweep
 from ..utils import atomic_write_json, text_digest
 from .fuse import TransferError, lora_scaling
 from .recipe import TransferRecipe
@@ -50,12 +56,8 @@ def delta_state(model: nn.Module) -> dict[str, Tensor]:
     bottleneck adapters: :func:`deltakd.models.bottleneck.adapter_state_dict`.
     """
     if _is_peft(model):
-        from peft import get_peft_model_state_dict
-
         state = get_peft_model_state_dict(model)
     else:
-        from ..models.bottleneck import adapter_state_dict, bottleneck_modules
-
         if not bottleneck_modules(model):
             raise TransferError(f"{type(model).__name__} carries no delta module (peft or bottleneck)")
         state = adapter_state_dict(model)
@@ -65,8 +67,6 @@ def delta_state(model: nn.Module) -> dict[str, Tensor]:
 def load_delta(model: nn.Module, state: dict[str, Tensor]) -> None:
     """Load a (possibly head-less) delta state dict into ``model`` and check every value arrived."""
     if _is_peft(model):
-        from peft import set_peft_model_state_dict
-
         current = delta_state(model)  # peft wants every saved key (the head too): keep the model's own
         unknown = sorted(set(state) - set(current))
         if unknown:
@@ -162,8 +162,6 @@ def _grid(recipe: TransferRecipe) -> dict[str, list[Any]]:
 
 
 def read_module(folder: Path) -> SourceModule:
-    from safetensors.torch import load_file
-
     meta_path = folder / META_FILE
     if not meta_path.is_file() or not (folder / MODULE_FILE).is_file():
         raise DeltakdError(f"'{folder}' holds no finished source module ({META_FILE} + {MODULE_FILE})")
@@ -183,10 +181,7 @@ def finished_module(recipe: TransferRecipe, task: str) -> SourceModule | None:
 
 def build_module(recipe: TransferRecipe, task: str, progress: bool = True) -> SourceModule:
     """Train (or reuse) the grid of ``task`` and store its best cell's module."""
-    from safetensors.torch import save_file
 
-    from ..models.delta import find_model_dir, load_trained
-    from ..sweep import run_sweep
 
     found = finished_module(recipe, task)
     if found is not None:
@@ -196,7 +191,7 @@ def build_module(recipe: TransferRecipe, task: str, progress: bool = True) -> So
     if not best:
         raise DeltakdError(f"source '{task}': no grid cell finished with a validation metric")
     chosen = next(o for o in result.trials if o.name in best[0].trials and o.run_dir is not None)
-    run_results = json.loads((Path(chosen.run_dir) / "results.json").read_text())
+    run_results = RunResults.read(chosen.run_dir)
     model, _ = load_trained(find_model_dir(chosen.run_dir))
     state = {k: v.contiguous() for k, v in delta_state(model).items()}
     spec = recipe.transfer
@@ -224,6 +219,4 @@ def build_module(recipe: TransferRecipe, task: str, progress: bool = True) -> So
 
 
 def _labels_of(run_dir: str | Path) -> list[str] | None:
-    from ..models.delta import find_model_dir, read_meta
-
     return read_meta(find_model_dir(run_dir)).get("labels")

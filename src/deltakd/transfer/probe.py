@@ -17,9 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
 from torch import Tensor, nn
+from transformers import DataCollatorWithPadding
 
 from ..evaluate.metrics import compute_metrics
+from .estimators import per_example_grad_norms
 from .fuse import is_head_key, split_head
 from .library import delta_state
 
@@ -41,8 +44,6 @@ class ProbeData:
 
 
 def pad_dataset(dataset: Any, tokenizer: Any, limit: int | None = None) -> Batch:
-    from transformers import DataCollatorWithPadding
-
     n = len(dataset) if limit is None else min(limit, len(dataset))
     rows = [dataset[i] for i in range(n)]
     return dict(DataCollatorWithPadding(tokenizer, return_tensors="pt")(rows))
@@ -108,7 +109,6 @@ def dev_metric(model: nn.Module, data: ProbeData) -> float:
 def _fit(x: np.ndarray, y: np.ndarray, num_labels: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression ``(W (C, H), b (C,))`` over all ``num_labels`` classes; a class
     absent from ``y`` gets zero weights and a bias of -30 (probability ~0)."""
-    from sklearn.linear_model import LogisticRegression
 
     w = np.zeros((num_labels, x.shape[1]))
     b = np.full(num_labels, -30.0)
@@ -197,7 +197,6 @@ def probe_module(model: nn.Module, data: ProbeData, *, fit: bool, grads: bool, t
                  lr: float, batch_size: int, folds: int, seed: int) -> SourceProbe:
     """Fit the head on ``model``'s features, then collect what ``fit`` / ``grads`` / ``tuning`` ask for.
     ``model`` is changed (head set, and tuned when ``tuning``)."""
-    from .estimators import per_example_grad_norms
 
     out = SourceProbe()
     cv, w, b = fit_head(features(model, data.train, data.num_labels), data.labels, data.num_labels, folds, seed)

@@ -27,6 +27,7 @@ from typing import Annotated, Any, Iterable, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..errors import DeltakdError
+from ..recipe.kinds import TRANSFER, recipe_kind
 from ..recipe.load import apply_overrides, format_validation_error, load_raw
 from ..recipe.schema import BottleneckPeft, LoraPeft, PrefixPeft, Strict, TaskConfig, TrainConfig
 from .estimators import ESTIMATORS
@@ -195,7 +196,7 @@ class TransferRecipe(Strict):
 
 def is_transfer_recipe(raw: dict[str, Any]) -> bool:
     """Whether a raw recipe dict (``extends:`` merged) is a transfer recipe."""
-    return isinstance(raw, dict) and "transfer" in raw
+    return recipe_kind(raw) == TRANSFER
 
 
 def validate_transfer(data: dict[str, Any], source: str = "recipe", check_files: bool = True) -> TransferRecipe:

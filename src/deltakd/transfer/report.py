@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..report.compare import fmt_num, markdown_table
+from ..report.plots import _new_figure, atomic_write_bytes, png_bytes
 from ..utils import atomic_write_text
-
-if TYPE_CHECKING:
-    from .recipe import TransferRecipe
-    from .run import TransferResult
+from .recipe import TransferRecipe
+from .results import TransferResult, csv_text, summarise
 
 
 def pm(mean: float, std: float) -> str:
@@ -22,7 +21,7 @@ def pm(mean: float, std: float) -> str:
     return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
 
-def mean_weights(result: "TransferResult", start: str, sources: list[str], targets: list[str]) -> list[list[float]]:
+def mean_weights(result: TransferResult, start: str, sources: list[str], targets: list[str]) -> list[list[float]]:
     """``(S, T)`` fusion weights of ``start`` averaged over seeds; NaN where the source is the target
     (left out) or was never a source of that target."""
     out = []
@@ -36,12 +35,11 @@ def mean_weights(result: "TransferResult", start: str, sources: list[str], targe
     return out
 
 
-def weights_heatmap(result: "TransferResult", starts: list[str], sources: list[str], targets: list[str],
+def weights_heatmap(result: TransferResult, starts: list[str], sources: list[str], targets: list[str],
                     title: str) -> bytes:
     """One panel per start: sources (rows) x targets (columns), cells = mean weight over seeds."""
     import numpy as np
 
-    from ..report.plots import _new_figure, png_bytes
 
     n = len(starts)
     cols = min(n, 4)
@@ -64,9 +62,8 @@ def weights_heatmap(result: "TransferResult", starts: list[str], sources: list[s
     return png_bytes(fig)
 
 
-def results_rows(result: "TransferResult", targets: list[str]) -> tuple[list[str], list[list[str]], list[list[Any]]]:
+def results_rows(result: TransferResult, targets: list[str]) -> tuple[list[str], list[list[str]], list[list[Any]]]:
     """Markdown headers/rows and CSV rows of the results table."""
-    from .run import summarise
 
     table = summarise(result, targets)
     metric = next((r.metric for r in result.runs), "test_accuracy")
@@ -89,10 +86,8 @@ def results_rows(result: "TransferResult", targets: list[str]) -> tuple[list[str
     return headers, md_rows, csv_rows
 
 
-def write_results(result: "TransferResult", recipe: "TransferRecipe") -> dict[str, Path]:
+def write_results(result: TransferResult, recipe: TransferRecipe) -> dict[str, Path]:
     """``results.csv``, ``results.md``, ``weights.csv``, ``weights.png`` in the experiment folder, atomically."""
-    from ..report.plots import atomic_write_bytes
-    from .run import csv_text
 
     spec = recipe.transfer
     targets, sources = list(spec.targets), list(spec.sources)

@@ -20,29 +20,37 @@ unchanged are reused.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
-import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import torch
 from rich.console import Console
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from safetensors.torch import save_file
 from torch import Tensor
+from transformers import set_seed
 
+from ..data import load_task
+from ..data.tasks import resolve_task
 from ..errors import DeltakdError
+from ..families import FAMILIES
 from ..recipe import Recipe, validate
-from ..utils import atomic_write_json, atomic_write_text, text_digest
+from ..runner import lifecycle
+from ..runner.family import read_recipe_data
+from ..runs import RunDir, latest_run
+from ..utils import atomic_write_json, text_digest
 from . import estimators as est
-from .fuse import Combine, TransferError, fuse_modules
+from .fuse import Combine, TransferError, flatten_delta, fuse_modules, split_head
 from .library import SourceModule, _task_dict, build_module, delta_state, load_delta, source_recipe
+from .probe import ProbeData, fresh_copy, pad_dataset, probe_module
 from .recipe import TransferRecipe, load_transfer_recipe
+from .report import write_results
+from .results import Estimate, TargetRun, TransferResult, summarise, target_run
 
-if TYPE_CHECKING:
-    from ..runs import RunDir
+CLASSIFICATION = FAMILIES["classification"]  # source and target runs are classification runs
 
 FIT = {"loss", "kl", "el2n", "logits_labels"}
 GRADS = {"grand"}
@@ -98,21 +106,6 @@ def target_recipe(recipe: TransferRecipe, target: str, start: str, seed: int) ->
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Estimate:
-    target: str
-    seed: int
-    sources: list[str]  # leave-one-out: the target is never among them
-    scores: dict[str, list[float]]  # estimator -> (S,)
-    weights: dict[str, list[float]]  # start -> (S,)
-    dev_after: list[float] | None = None
-    digest: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return {"target": self.target, "seed": self.seed, "sources": self.sources, "scores": self.scores,
-                "weights": self.weights, "dev_after": self.dev_after, "digest": self.digest}
-
-
 def normalise(scores: Tensor, how: str) -> Tensor:
     """z-score (equal scores -> zeros) or unchanged  # (S,)"""
     s = torch.as_tensor(scores, dtype=torch.float64)
@@ -134,8 +127,7 @@ def scores_from_probes(recipe: TransferRecipe, target: str, sources: list[str], 
         elif name == "task_groups":
             out[name] = est.task_groups(sources, target, spec.groups or {})
         elif name == "cosine":
-            from .fuse import split_head
-
+        
             scaling = {s: modules[s].scaling for s in sources}
             flat_t = _flat(target_state, modules[sources[0]].scaling, spec.peft.method)
             out[name] = est.cosine([_flat(split_head(modules[s].state)[0], scaling[s], spec.peft.method)
@@ -156,8 +148,6 @@ def scores_from_probes(recipe: TransferRecipe, target: str, sources: list[str], 
 
 
 def _flat(state: dict[str, Tensor], scaling: float, method: str) -> Tensor:
-    from .fuse import flatten_delta
-
     return flatten_delta(state, lora="product", scaling=scaling) if method == "lora" else flatten_delta(state)
 
 
@@ -184,11 +174,6 @@ def weights_from_scores(recipe: TransferRecipe, scores: dict[str, list[float]],
 def estimate_target(recipe: TransferRecipe, target: str, seed: int, modules: dict[str, SourceModule],
                     log: "Progress") -> Estimate:
     """Scores and weights for one target and seed: reused from ``estimates/`` when unchanged."""
-    from transformers import set_seed
-
-    from .. import engine
-    from .probe import ProbeData, fresh_copy, pad_dataset, probe_module
-
     spec = recipe.transfer
     sources = list(est.leave_one_out({s: s for s in spec.sources}, target))
     digest = text_digest("transfer-estimate-v1", spec.estimate.model_dump(mode="json"),
@@ -202,7 +187,7 @@ def estimate_target(recipe: TransferRecipe, target: str, seed: int, modules: dic
             return Estimate(**saved)
     log.note(f"estimating {target} seed {seed} ({len(sources)} sources)")
     e = spec.estimate
-    prep = engine.prepare(target_recipe(recipe, target, "probe", seed))
+    prep = CLASSIFICATION.prepare(target_recipe(recipe, target, "probe", seed))
     data = ProbeData(pad_dataset(prep.datasets["train"], prep.tokenizer),
                      pad_dataset(prep.datasets["valid"], prep.tokenizer, e.dev_samples),
                      prep.head.num_labels, tuple(prep.task.spec.metrics))
@@ -233,8 +218,6 @@ def estimate_target(recipe: TransferRecipe, target: str, seed: int, modules: dic
 
 
 def _without_head(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    from .fuse import split_head
-
     return split_head(state)[0]
 
 
@@ -286,9 +269,6 @@ class Progress:
     def note(self, text: str) -> None:
         if self.console is None:
             return
-        from rich.progress_bar import ProgressBar
-        from rich.table import Table
-
         row = Table.grid(padding=(0, 1))
         row.add_row(f"[bold]transfer {self.name}[/bold]", ProgressBar(total=max(self.total, 1), completed=self.done,
                                                                         width=30),
@@ -301,30 +281,8 @@ class Progress:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TargetRun:
-    target: str
-    start: str
-    seed: int
-    run_dir: str
-    metric: str
-    value: float
-    status: str  # ran | skipped
-
-
-@dataclass
-class TransferResult:
-    out_dir: Path
-    starts: list[str]
-    runs: list[TargetRun]
-    estimates: list[Estimate]
-    modules: dict[str, SourceModule]
-    files: dict[str, Path] = field(default_factory=dict)
-
-
 def check_recipe(recipe: TransferRecipe) -> dict[str, Recipe]:
     """Every ordinary recipe the experiment will run, validated before any work (bad input: one line)."""
-    from ..data.tasks import resolve_task
 
     spec = recipe.transfer
     checked: dict[str, Recipe] = {}
@@ -344,10 +302,6 @@ def check_recipe(recipe: TransferRecipe) -> dict[str, Recipe]:
 def run_transfer(recipe: str | Path | TransferRecipe, overrides: Iterable[str] = (), console: Console | None = None,
                  progress: bool = True) -> TransferResult:
     """Run (or resume) a transfer recipe; see the module docstring."""
-    from .. import api
-    from ..runs import latest_run, load_run_recipe
-    from .report import write_results
-
     if not isinstance(recipe, TransferRecipe):
         recipe = load_transfer_recipe(recipe, overrides)
     check_recipe(recipe)
@@ -381,12 +335,12 @@ def run_transfer(recipe: str | Path | TransferRecipe, overrides: Iterable[str] =
                 prev = latest_run(rec.output_dir, name)
                 if (prev is not None and prev.finished and _same_start(manifest.get(name, {}), init_digest, srcs,
                                                                      estimate.weights.get(start), prev)
-                        and not api._same_recipe(load_run_recipe(prev), rec)):
+                        and not CLASSIFICATION.differences(read_recipe_data(prev), rec)):
                     if manifest[name].get("init") != init_digest:  # an older manifest: record today's key
                         manifest[name]["init"] = init_digest
                         atomic_write_json(manifest_path, manifest)
                     results = prev.read_results()
-                    runs.append(_target_run(target, start, seed, results, "skipped"))
+                    runs.append(target_run(target, start, seed, results, "skipped"))
                     bar.done += 1
                     continue
                 bar.note(f"training {name}")
@@ -395,12 +349,12 @@ def run_transfer(recipe: str | Path | TransferRecipe, overrides: Iterable[str] =
                                                                   target_labels, seed)
                 if fused is not None:
                     _save_fused(root / "fused" / f"{name}.safetensors", fused)
-                results = api.train(rec, init=None if fused is None else _loader(fused))
+                results = lifecycle.run(rec, CLASSIFICATION, init=None if fused is None else _loader(fused))
                 manifest[name] = {"run_dir": results["run_dir"], "init": init_digest,
                                   "weights": None if fused is None else estimate.weights[start],
                                   "sources": estimate.sources}
                 atomic_write_json(manifest_path, manifest)
-                runs.append(_target_run(target, start, seed, results, "ran"))
+                runs.append(target_run(target, start, seed, results, "ran"))
                 bar.done += 1
                 bar.note(f"finished {name}: {runs[-1].metric} {runs[-1].value:.4f}")
     result = TransferResult(root, starts, runs, estimates, modules)
@@ -410,12 +364,9 @@ def run_transfer(recipe: str | Path | TransferRecipe, overrides: Iterable[str] =
 
 
 def _target_labels(recipe: TransferRecipe, target: str, seed: int) -> list[str] | None:
-    from ..data.tasks import resolve_task
-
     spec = resolve_task(recipe.transfer.tasks[target])
     if spec.labels is not None:
         return list(spec.labels)
-    from ..data import load_task
 
     return list(load_task(target_recipe(recipe, target, "random", seed).task, seed).labels or []) or None
 
@@ -468,50 +419,11 @@ def _loader(fused: dict[str, Tensor]):
 
 
 def _save_fused(path: Path, state: dict[str, Tensor]) -> None:
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp))
     tmp.replace(path)
 
 
-def _target_run(target: str, start: str, seed: int, results: dict[str, Any], status: str) -> TargetRun:
-    metric = results.get("main_metric", "accuracy")
-    metrics = results.get("metrics", {})
-    split = "test" if "test" in metrics else "valid"
-    value = float(metrics.get(split, {}).get(metric, math.nan))
-    return TargetRun(target, start, seed, results.get("run_dir", ""), f"{split}_{metric}", value, status)
-
-
-def summarise(result: TransferResult, targets: list[str]) -> dict[str, dict[str, tuple[float, float, int]]]:
-    """start -> target (and ``mean``) -> (mean, std over seeds, n)."""
-    out: dict[str, dict[str, tuple[float, float, int]]] = {}
-    for start in result.starts:
-        row: dict[str, tuple[float, float, int]] = {}
-        for t in targets:
-            vals = [r.value for r in result.runs if r.start == start and r.target == t and not math.isnan(r.value)]
-            row[t] = (statistics.fmean(vals) if vals else math.nan,
-                      statistics.stdev(vals) if len(vals) > 1 else math.nan, len(vals))
-        means = [row[t][0] for t in targets if not math.isnan(row[t][0])]
-        # the average over targets; its spread is the std over seeds of the per-seed target average
-        seeds = sorted({r.seed for r in result.runs})
-        per_seed = []
-        for s in seeds:
-            v = [r.value for r in result.runs if r.start == start and r.seed == s and not math.isnan(r.value)]
-            if len(v) == len(targets):
-                per_seed.append(statistics.fmean(v))
-        row["mean"] = (statistics.fmean(means) if means else math.nan,
-                       statistics.stdev(per_seed) if len(per_seed) > 1 else math.nan, len(per_seed))
-        out[start] = row
-    return out
-
-
-def csv_text(rows: list[list[Any]]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows)
-    return buf.getvalue()
-
-
 __all__ = ["Estimate", "TransferResult", "check_recipe", "estimate_target", "fuse_start", "run_transfer",
-           "starts_of", "summarise", "target_recipe", "weights_from_scores", "atomic_write_text"]
+           "starts_of", "summarise", "target_recipe", "weights_from_scores"]

@@ -6,7 +6,7 @@
 - ``kind: classification`` (default): utterances labelled with their act (:func:`read_act_task`).
 
 ``task.data_dir`` is a DailyDialog folder in the original layout (``train/``, ``validation/``,
-``test/``; see :func:`deltakd.dialogue.data.split_files`).
+``test/``; see :func:`deltakd.data.dailydialog.split_files`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ..errors import DeltakdError
 from ..recipe.schema import DialogueOptions, TaskConfig
-from .data import ACTS, Dialogue, DialogueFormat, ResponseExample, read_dailydialog, response_examples, \
+from .tasks import TaskSpec
+from .dailydialog import ACTS, Dialogue, DialogueFormat, ResponseExample, read_dailydialog, response_examples, \
     utterance_examples
 
 # deltakd split name -> DailyDialog split name
@@ -78,8 +79,6 @@ def lm_texts(cfg: TaskConfig) -> dict[str, list[str]]:
 
 def read_act_task(cfg: TaskConfig):
     """(TaskSpec, raw splits) of the act classification task: every utterance, label = its act."""
-    from ..data.tasks import TaskSpec
-
     kind = cfg.kind or "classification"
     if kind != "classification":
         raise DeltakdError(f"task.kind: a DailyDialog task is dialogue, lm or classification (acts), not {kind}")

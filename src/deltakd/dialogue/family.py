@@ -1,0 +1,36 @@
+"""The dialogue family: ``task.kind: dialogue`` runs (act-controlled DailyDialog responses on a
+causal LM, loss on the response only). Judging the saved model with an act classifier is
+:mod:`deltakd.dialogue.evaluate`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import set_seed
+
+from ..data import TaskData
+from ..data.dailydialog import DialogueCollator
+from ..recipe import Recipe, validate
+from ..runner import Prepared
+from ..runner.transformers_family import TransformersFamily
+from .train import dialogue_eval_data, prepare_dialogue
+
+
+class DialogueFamily(TransformersFamily):
+    name = "dialogue"
+
+    def validate(self, data: dict[str, Any], source: str = "recipe", check_files: bool = True) -> Recipe:
+        return validate(data, source=source, check_files=check_files)
+
+    def metric_for_best(self, prep: Prepared) -> str:
+        return prep.recipe.train.metric_for_best or "loss"
+
+    def prepare(self, recipe: Recipe) -> Prepared:
+        set_seed(recipe.train.seed)
+        return prepare_dialogue(recipe)
+
+    def eval_data(self, recipe: Recipe, tokenizer: Any) -> tuple[TaskData, dict[str, Any]]:
+        return dialogue_eval_data(recipe, tokenizer)
+
+    def eval_collator(self, recipe: Recipe, tokenizer: Any) -> Any:
+        return DialogueCollator(tokenizer.pad_token_id)

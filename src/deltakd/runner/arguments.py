@@ -1,0 +1,55 @@
+"""The Trainer arguments of a recipe's ``train:`` section, shared by every family."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from ..recipe.schema import TrainConfig
+from ..runs import RunDir
+from ..utils import cpu_only
+
+
+def training_arguments(t: TrainConfig, run: RunDir, report_to: list[str], metric: str, has_eval: bool = True,
+                       **overrides: Any) -> TrainingArguments:
+    """``metric`` picks the best checkpoint; ``overrides`` replace single arguments (a family's label names, say)."""
+    steps = isinstance(t.eval_every, int)
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(run.checkpoints),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        learning_rate=t.lr,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,
+        lr_scheduler_type=t.scheduler,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        eval_strategy=("steps" if steps else "epoch") if has_eval else "no",
+        eval_steps=t.eval_every if steps else None,
+        save_strategy="steps" if steps else "epoch",
+        save_steps=(t.eval_every if t.save_every == "eval" else t.save_every) if steps else None,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=has_eval,
+        metric_for_best_model=metric if has_eval else None,
+        greater_is_better=not metric.endswith(("loss", "mse")),
+        logging_steps=t.logging_steps,
+        report_to=report_to or "none",
+        bf16=t.bf16,
+        fp16=t.fp16,
+        dataloader_num_workers=t.num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=cpu_only(),
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        label_names=["labels"],
+        remove_unused_columns=False,
+        disable_tqdm=False,
+        save_only_model=False,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)

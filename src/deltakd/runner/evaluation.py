@@ -1,0 +1,58 @@
+"""Evaluating a model on a tokenised split with the Trainer's loop (progress bar, batching, devices)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, default_data_collator
+
+from ..data import TaskData
+from ..evaluate.metrics import compute_metrics
+from ..utils import cpu_only
+
+
+def metrics_for(task: TaskData):
+    """A Trainer ``compute_metrics`` for the task's metrics."""
+    spec = task.spec
+
+    def metrics_fn(pred) -> dict[str, float]:
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        return compute_metrics(spec.metrics, logits, pred.label_ids, spec.kind)
+
+    return metrics_fn
+
+
+def task_metrics(logged: dict[str, float], prefix: str, task: TaskData) -> dict[str, float]:
+    """The task's metrics and the loss from a Trainer evaluation, without the key prefix."""
+    keep = (*task.spec.metrics, "loss")
+    out = {k.removeprefix(f"{prefix}_"): float(v) for k, v in logged.items() if k.removeprefix(f"{prefix}_") in keep}
+    if task.spec.kind == "lm" and "loss" in out:
+        out["perplexity"] = math.exp(min(out["loss"], 50.0))  # per-token cross-entropy -> perplexity
+    return out
+
+
+def default_collator(task: TaskData, tokenizer: Any) -> Any:
+    """Token blocks (causal LM) stack as they are; text examples pad to the batch's longest."""
+    return default_data_collator if task.spec.kind == "lm" else DataCollatorWithPadding(tokenizer)
+
+
+def evaluate_raw(model: torch.nn.Module, tokenizer: Any, dataset: Any, task: TaskData, batch_size: int,
+                 out_dir: Path, collator: Any = None) -> dict[str, float]:
+    """The Trainer's evaluation dict (``eval_*`` keys, samples/s) of ``model`` on ``dataset``."""
+    lm = task.spec.kind == "lm"
+    args = TrainingArguments(output_dir=str(out_dir), per_device_eval_batch_size=batch_size, report_to="none",
+                             dataloader_pin_memory=torch.cuda.is_available(), use_cpu=cpu_only(),
+                             label_names=["labels"], remove_unused_columns=False, disable_tqdm=False)
+    trainer = Trainer(model=model, args=args, processing_class=tokenizer,
+                      data_collator=collator or default_collator(task, tokenizer),
+                      compute_metrics=None if lm else metrics_for(task))
+    return trainer.evaluate(dataset, metric_key_prefix="eval")
+
+
+def evaluate_model(model: torch.nn.Module, tokenizer: Any, dataset: Any, task: TaskData, batch_size: int,
+                   out_dir: Path, collator: Any = None) -> dict[str, float]:
+    """Evaluate a trained model on a tokenised split with a progress bar."""
+    return task_metrics(evaluate_raw(model, tokenizer, dataset, task, batch_size, out_dir, collator), "eval", task)

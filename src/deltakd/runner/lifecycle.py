@@ -1,0 +1,117 @@
+"""The one run lifecycle, for every family.
+
+resolved recipe -> (resume: the matching unfinished run) -> ``family.prepare`` (all bad input
+fails here, nothing written yet) -> run directory + ``recipe.yaml`` (main process) -> Trainer
+(``family.make_trainer``, trackers, metrics log, early stopping) -> train (from the newest complete
+checkpoint on resume) -> ``best/`` and ``last/`` -> ``family.evaluate`` -> ``model/`` ->
+``family.finish`` -> ``results.json`` (written last and atomically: its presence marks the run
+finished). Under torchrun every process trains and evaluates; only the main one writes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from transformers import EarlyStoppingCallback
+
+from ..errors import DeltakdError
+from ..runs import RunDir, RunResults, new_run_dir
+from ..runs.rundir import runs_of
+from ..trackers import check_trackers, tracker_callbacks
+from ..utils import cpu_only
+from .callbacks import MetricsLogCallback
+from .checkpoints import checkpoint_step, keep_best_and_last, last_complete_checkpoint
+from .family import Family, Prepared, read_recipe_data
+
+
+def distributed_state():
+    """accelerate's process state (initialises torch.distributed under torchrun)."""
+    from accelerate import PartialState  # lazy: keeps `import deltakd` (and `deltakd --help`) fast
+
+    return PartialState(cpu=cpu_only())  # CPU-only: torchrun processes meet over gloo
+
+
+def share(value: str, state) -> str:
+    """The main process's value on every process (a run directory path)."""
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list  # lazy: only under torchrun
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def resumable_run(recipe: Any, family: Family) -> RunDir:
+    """The newest unfinished run of ``recipe.name`` made from the same recipe; one line if none."""
+    unfinished = [r for r in reversed(runs_of(recipe.output_dir, recipe.name)) if not r.finished]
+    if not unfinished:
+        raise DeltakdError(f"--resume: no unfinished run of '{recipe.name}' under '{recipe.output_dir}'")
+    for run in unfinished:
+        if not family.differences(read_recipe_data(run), recipe):
+            return run
+    changed = family.differences(read_recipe_data(unfinished[0]), recipe)
+    raise DeltakdError(f"--resume: the recipe differs from the one in '{unfinished[0].path}' at {', '.join(changed)}")
+
+
+def run(recipe: Any, family: Family, resume: bool = False, init: Callable[[Prepared], None] | None = None,
+        test: bool = True, run_dir: RunDir | None = None) -> RunResults | None:
+    """Train ``recipe`` as ``family`` from start to ``results.json``; the results (None off the main process).
+
+    ``resume``: continue the newest unfinished run of the same recipe (or ``run_dir``) from its
+    last complete checkpoint. ``init(prepared)`` runs after the model is built and before
+    anything is written (a transfer target's fused start); skipped on resume. ``test``: the
+    family's final evaluation (a multistage pipeline may leave it for later).
+    """
+    check_trackers(recipe.track)
+    state = distributed_state()
+    run = run_dir
+    if resume and run is None:
+        run = resumable_run(recipe, family)
+    prep = family.prepare(recipe)  # bad data or model fails here, before anything is written
+    if init is not None and not resume:
+        init(prep)
+    if run is None:
+        path = str(new_run_dir(recipe.output_dir, recipe.name).path) if state.is_main_process else ""
+        run = RunDir(Path(share(path, state)))
+        if state.is_main_process:
+            run.write_recipe(recipe)
+    return train(prep, family, run, resume=resume, is_main=state.is_main_process, test=test)
+
+
+def train(prep: Prepared, family: Family, run: RunDir, resume: bool = False, is_main: bool = True,
+          test: bool = True) -> RunResults | None:
+    """Train a prepared recipe in ``run``; keep best/last, evaluate, save ``model/``, write results."""
+    recipe = prep.recipe
+    started = time.time()
+    family.before_training(prep)
+    report_to, callbacks = tracker_callbacks(recipe.track, run.path, recipe.output_dir)
+    args = family.arguments(prep, run, report_to)
+    cbs = [MetricsLogCallback(run), *callbacks]
+    if recipe.train.early_stop and args.eval_strategy != "no":
+        cbs.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stop))
+    trainer = family.make_trainer(prep, args, cbs)
+    checkpoint = last_complete_checkpoint(run.checkpoints, prune=is_main) if resume else None
+    if checkpoint and is_main:
+        run.truncate_events(checkpoint_step(checkpoint))
+    out = trainer.train(resume_from_checkpoint=checkpoint)
+    train_seconds = time.time() - started
+    metrics, speed = family.evaluate(prep, trainer)  # every process takes part
+    if not is_main:
+        return None
+    ckpt_info = keep_best_and_last(run, trainer.state.best_model_checkpoint)
+    family.save_model(prep, trainer, run)
+    results = RunResults(
+        name=recipe.name, run_dir=str(run.path), family=family.name, metrics=metrics,
+        train_steps=int(trainer.state.global_step),
+        train_samples_per_second=float(out.metrics.get("train_samples_per_second", float("nan"))),
+        train_wall_time_s=train_seconds, resumed_from=Path(checkpoint).name if checkpoint else None,
+        best_step=ckpt_info.get("best_step"), last_step=ckpt_info.get("last_step"),
+        extra={"train_runtime_s": float(out.metrics.get("train_runtime", float("nan"))),
+               "train_loss": float(out.training_loss)})
+    results = family.finish(prep, trainer, run, results, speed, test)
+    results.wall_time_s = time.time() - started
+    run.write_results(results)
+    return results

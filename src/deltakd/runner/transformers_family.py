@@ -1,0 +1,129 @@
+"""The shared part of the families whose model is a transformers model with an optional delta
+module and an optional teacher (classification, causal LM, dialogue): distillation wiring, the
+student built from the teacher's layers, ``save_pretrained`` output, the teacher comparison and
+re-evaluation of a saved model. A family subclasses :class:`TransformersFamily` and supplies
+``prepare`` and ``eval_data``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+from ..data import TaskData
+from ..distill.schedule import CurriculumCallback
+from ..distill.setup import prepare_distill
+from ..distill.trainer import DistillTrainer
+from ..errors import DeltakdError
+from ..models.delta import count_parameters, load_trained, plain_copy, save_trained
+from ..models.student import every_other, layer_count, student_from_teacher
+from ..runs import RunDir, RunResults, load_run_recipe
+from ..utils import atomic_write_json
+from .evaluation import evaluate_model, evaluate_raw, task_metrics
+from .family import Family, Prepared
+from .lifecycle import distributed_state
+
+
+class TransformersFamily(Family):
+    """Defaults for a transformers model + delta module (+ teacher); see the module docstring."""
+
+    def eval_data(self, recipe: Any, tokenizer: Any) -> tuple[TaskData, dict[str, Any]]:
+        """The task and its tokenised splits, for evaluating a saved model."""
+        raise NotImplementedError
+
+    def eval_collator(self, recipe: Any, tokenizer: Any) -> Any:
+        """The data collator for evaluating a saved model (None: the task's default)."""
+        return None
+
+    # --- distillation --------------------------------------------------------------------------
+
+    def student_base(self, recipe: Any, teacher: torch.nn.Module) -> tuple[torch.nn.Module | None, list[int] | None]:
+        """The student built from the teacher's layers (and which), or None when the recipe names its own model."""
+        st = recipe.student
+        if st is None or st.from_teacher is None:
+            return None, None
+        plain = plain_copy(teacher)
+        layers = st.from_teacher.layers or every_other(layer_count(plain), st.from_teacher.nb_layers)
+        student = student_from_teacher(plain, layers)
+        if st.scratch:
+            student = type(student)(student.config)  # the same shape, freshly initialised
+        return student, list(layers)
+
+    def distill_setup(self, prep: Prepared, copied: list[int] | None):
+        """Validate the distillation recipe against the models; build layer map, projections, cache."""
+        recipe = prep.recipe
+        lm = prep.head.causal_lm
+        scratch = recipe.student and recipe.student.from_teacher and recipe.student.scratch
+        return prepare_distill(recipe.distill, prep.model, prep.teacher, "lm" if lm else "classification",
+                               prep.head.num_labels, None if scratch else copied, recipe.train.seed, prep.datasets,
+                               None if lm else DataCollatorWithPadding(prep.tokenizer), recipe.train.eval_batch_size,
+                               distributed_state().device)
+
+    def make_trainer(self, prep: Prepared, args: TrainingArguments, callbacks: list) -> Trainer:
+        if prep.teacher is None:
+            return super().make_trainer(prep, args, callbacks)
+        d, setup = prep.recipe.distill, prep.distill
+        if d.curriculum is not None and d.curriculum.lr is not None:
+            callbacks = [*callbacks, CurriculumCallback(setup.schedule)]
+        return DistillTrainer(**self.trainer_kwargs(prep, args, callbacks), teacher=setup.teacher,
+                              schedule=setup.schedule, kind="lm" if prep.head.causal_lm else "classification",
+                              temperature=d.temperature, jsd_beta=d.jsd_beta, layer_map=setup.layer_map,
+                              heads=setup.heads, cache=setup.cache, lora_modules=tuple(d.lora_ild_modules))
+
+    # --- the end of a run ----------------------------------------------------------------------
+
+    def save_model(self, prep: Prepared, trainer: Trainer, run: RunDir) -> None:
+        r = prep.recipe
+        save_trained(trainer.model, run.model_dir, r.peft, r.model, prep.head, prep.tokenizer, base_path=prep.base_path)
+
+    def finish(self, prep: Prepared, trainer: Trainer, run: RunDir, results: RunResults,
+               speed: dict[str, float], test: bool) -> RunResults:
+        total, trainable = count_parameters(trainer.model)
+        results.task = prep.task.spec.name
+        results.main_metric = prep.task.spec.main_metric
+        results.params = {"total": total, "trainable": trainable, "trainable_pct": 100.0 * trainable / total}
+        results.examples = {k: len(v) for k, v in prep.task.splits.items()}
+        eval_split = "test" if "test" in speed else "valid"
+        results.extra["eval_samples_per_second"] = speed[eval_split]
+        if prep.teacher is not None:
+            results.extra["distill"] = self.teacher_comparison(prep, trainer, run, eval_split, speed[eval_split])
+        return results
+
+    def teacher_comparison(self, prep: Prepared, trainer: Trainer, run: RunDir, split: str, student_speed: float
+                           ) -> dict[str, Any]:
+        """The teacher on the same split with the same batch size: metrics, size, speed-up of the student."""
+        setup = prep.distill
+        teacher = setup.teacher if setup is not None else prep.teacher
+        raw = evaluate_raw(teacher, prep.tokenizer, prep.datasets[split], prep.task,
+                           prep.recipe.train.eval_batch_size, run.path / ".teacher-eval")
+        shutil.rmtree(run.path / ".teacher-eval", ignore_errors=True)
+        t_speed = float(raw.get("eval_samples_per_second", float("nan")))
+        total, _ = count_parameters(teacher)
+        return {
+            "teacher_metrics": {split: task_metrics(raw, "eval", prep.task)},
+            "teacher_params": total,
+            "teacher_eval_samples_per_second": t_speed,
+            "speedup": student_speed / t_speed if t_speed > 0 else float("nan"),
+            "teacher_forwards": int(getattr(trainer, "teacher_forwards", 0)),
+            "teacher_cache": str(setup.cache.path) if setup is not None and setup.cache is not None else None,
+            "layer_map": setup.layer_map.mode if setup is not None and setup.layer_map is not None else None,
+        }
+
+    def evaluate_saved(self, run: RunDir, split: str, batch_size: int | None) -> dict[str, float]:
+        recipe = load_run_recipe(run)
+        if not run.model_dir.is_dir():
+            raise DeltakdError(f"run '{run.path}' has no model/ (did it finish?)")
+        model, tokenizer = load_trained(run.model_dir)
+        task, datasets = self.eval_data(recipe, tokenizer)
+        if split not in datasets:
+            raise DeltakdError(f"--split: '{split}' not in this task; available: {', '.join(datasets)}")
+        with tempfile.TemporaryDirectory() as scratch:
+            metrics = evaluate_model(model, tokenizer, datasets[split], task, batch_size or recipe.train.eval_batch_size,
+                                     Path(scratch), collator=self.eval_collator(recipe, tokenizer))
+        atomic_write_json(run.path / f"eval_{split}.json", {"split": split, "metrics": metrics})
+        return metrics
