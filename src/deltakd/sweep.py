@@ -285,6 +285,8 @@ def _finish(plan: SweepPlan, ran: dict[str, str]) -> SweepResult:
 
 
 def _write_manifest(plan: SweepPlan, states: dict[str, tuple[str, RunDir | None]]) -> None:
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        return  # under torchrun only the main process writes
     atomic_write_json(plan.sweep_dir / SWEEP_MANIFEST, {
         "name": plan.name,
         "recipe": plan.source,

@@ -98,6 +98,7 @@ class MultistageFamily(Family):
         results.params = {"total": params, "trainable": count_parameters(model, trainable_only=True),
                           "trainable_pct": 100.0, "portable": count_parameters(export_plain(model)),
                           "teacher": teacher_params, "ratio_to_teacher": params / teacher_params}
+        results.main_metric = "avg/sts_spearman" if stage.sts else "avg/acc"
         results.examples = {"train": len(stage.split.train), "heldout": len(stage.split.heldout),
                             "dropped": len(stage.split.dropped), "test_pairs": len(stage.eval_pairs),
                             "sts": {s.name: len(s) for s in stage.sts}}
