@@ -2,7 +2,6 @@
 
 Each trial is the recipe with the grid's values applied as dotted overrides (the same machinery
 as ``deltakd train RECIPE key=value``), ``sweep`` removed, and a name made from its setting::
-
     <output_dir>/<name>-sweep/
       sweep.json                              the grid and the trials (name, setting, run directory)
       <name>--lr_1e-05--seed_1/<stamp>/       an ordinary run directory per trial
@@ -39,8 +38,19 @@ from . import families
 from .errors import DeltakdError
 from .recipe import apply_overrides, load_raw
 from .recipe.load import parse_override
-from .report.compare import (SEED_KEY, SWEEP_MANIFEST, SweepSummary, Trial, fmt_value, load_run, short_keys,
-                             summarize, summary_chart, summary_csv, summary_markdown)
+from .report.compare import (
+    SEED_KEY,
+    SWEEP_MANIFEST,
+    SweepSummary,
+    Trial,
+    fmt_value,
+    load_run,
+    short_keys,
+    summarize,
+    summary_chart,
+    summary_csv,
+    summary_markdown,
+)
 from .report.plots import atomic_write_bytes
 from .runner import Family, lifecycle
 from .runner.family import read_recipe_data

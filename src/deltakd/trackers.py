@@ -6,6 +6,9 @@ import importlib.util
 import os
 from pathlib import Path
 
+from torch.utils.tensorboard import SummaryWriter
+from transformers.integrations import TensorBoardCallback
+
 from .errors import DeltakdError
 
 # tracker -> (module that must import, pip package to suggest)
@@ -30,9 +33,6 @@ def tracker_callbacks(names: list[str], run_dir: Path, output_dir: Path) -> tupl
     report_to = [n for n in names if n != "tensorboard"]
     callbacks = []
     if "tensorboard" in names:
-        from torch.utils.tensorboard import SummaryWriter
-        from transformers.integrations import TensorBoardCallback
-
         callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
     if "mlflow" in names and not os.environ.get("MLFLOW_TRACKING_URI"):
         # a local file store beside the runs: `mlflow ui --backend-store-uri runs/mlruns`

@@ -64,7 +64,6 @@ def test_a_stage_logs_to_trackers_and_resumes_with_train_resume(world, tmp_path,
         api.train(MSE, sets, resume=True)
 
 
-@pytest.mark.slow
 def test_a_stage_sweep_under_torchrun_two_processes(world, tmp_path):
     runs = tmp_path / "runs"
     sets = [*tiny(world, MSE, runs), "sweep.train.lr=[1.0e-3,1.0e-4]"]

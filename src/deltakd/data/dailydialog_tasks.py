@@ -15,9 +15,16 @@ from pathlib import Path
 
 from ..errors import DeltakdError
 from ..recipe.schema import DialogueOptions, TaskConfig
+from .dailydialog import (
+    ACTS,
+    Dialogue,
+    DialogueFormat,
+    ResponseExample,
+    read_dailydialog,
+    response_examples,
+    utterance_examples,
+)
 from .tasks import TaskSpec
-from .dailydialog import ACTS, Dialogue, DialogueFormat, ResponseExample, read_dailydialog, response_examples, \
-    utterance_examples
 
 # deltakd split name -> DailyDialog split name
 RECIPE_SPLITS: dict[str, str] = {"train": "train", "valid": "validation", "test": "test"}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ..errors import DeltakdError
@@ -53,8 +54,6 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path,
     Deterministic for the same texts and settings; ``AutoTokenizer.from_pretrained(out_dir)``
     reloads it. The vocabulary holds at most ``vocab_size`` tokens (fewer on little text).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     if vocab_size < _BYTE_ALPHABET + 1:
         raise DeltakdError(f"tokenizer vocab_size {vocab_size} is too small: byte-level BPE needs "
                            f"at least {_BYTE_ALPHABET + 1} (256 bytes + {EOS})")

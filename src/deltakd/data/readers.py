@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
+import datasets
+
 from ..errors import DeltakdError
 from .tasks import TaskSpec
 
@@ -117,8 +119,6 @@ def read_file(path: Path, spec: TaskSpec) -> list[Example]:
 
 def read_hf(source: Any, spec: TaskSpec) -> dict[str, list[Example]]:
     """Splits of a ``datasets.load_dataset`` source (hub name, builder such as 'csv', or a folder)."""
-    import datasets
-
     try:
         ds = datasets.load_dataset(source.path, source.name, data_files=source.data_files,
                                    revision=source.revision, **source.options)

@@ -9,6 +9,7 @@ The classifier's accuracy on the reference responses of the same contexts is the
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -17,14 +18,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from transformers import set_seed
 
+from ..data.dailydialog import (
+    ACTS,
+    DialogueFormat,
+    ResponseExample,
+    act_token,
+    encode_generation_prompts,
+    encode_response_example,
+    model_max_positions,
+    response_from_generation,
+)
+from ..data.dailydialog_tasks import dialogue_format, response_split
 from ..errors import DeltakdError
-from ..models.delta import META_FILE, count_parameters, find_model_dir, generate_new_tokens, load_trained, read_meta
+from ..models.delta import count_parameters, find_model_dir, generate_new_tokens, load_trained, read_meta
 from ..runs import RunDir, load_run_recipe
 from ..utils import atomic_write_json, atomic_write_text
-from ..data.dailydialog import (ACTS, DialogueFormat, ResponseExample, act_token, encode_generation_prompts,
-                   encode_response_example, model_max_positions, response_from_generation)
 from .metrics import control_accuracy, dialogue_metrics
+from .train import add_act_tokens, virtual_tokens
 
 NO_ACT = "none"  # the label of an empty response
 
@@ -88,7 +100,6 @@ def act_sensitivity(model: Any, tokenizer: Any, examples: Sequence[ResponseExamp
                     acts: Sequence[str] = ACTS) -> dict[str, float]:
     """Does the model read the act at all? For each example, the reference response's mean
     per-token NLL under every act (teacher forcing, the training template):
-
     - ``act_nll_gap``: mean over examples of (mean NLL under the other acts) - NLL under the
       reference's act, in nats per token; 0 means the act does not change the model's belief;
     - ``act_recovered``: share of examples whose reference act gives the strictly lowest NLL.
@@ -126,8 +137,6 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Sequence[in
     position ids for prompt tuning (peft ignores position ids), and equal-length batches make the
     output of every method independent of the batch it was in.
     """
-    from transformers import set_seed
-
     set_seed(settings.seed)
     device = _device()
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -180,9 +189,6 @@ class _LM:
 def _load_lm(run_dir: str | Path, template: Any = None) -> _LM:
     """A run's LM with its example format; ``template`` (a ``task.dialogue`` section) replaces the
     run's own, e.g. to ask an untuned LM in the tuned runs' format (act tokens are added if missing)."""
-    from ..data.dailydialog_tasks import dialogue_format
-    from .train import add_act_tokens, virtual_tokens
-
     model_dir = find_model_dir(run_dir, "run")
     meta = read_meta(model_dir)
     if meta["problem_type"] != "causal_lm":
@@ -241,8 +247,6 @@ def evaluate_dialogue(run_dir: str | Path | Mapping[str, str | Path], classifier
     format (act position, act tokens, context turns) instead of the run's own: the untuned LM
     compared with tuned runs is asked exactly as they are.
     """
-    from ..data.dailydialog_tasks import response_split
-
     if acts not in ("reference", "all"):
         raise DeltakdError(f"acts '{acts}' is unknown; valid: reference, all")
     if isinstance(run_dir, Mapping) and out_dir is None:
@@ -314,7 +318,6 @@ def evaluate_dialogue(run_dir: str | Path | Mapping[str, str | Path], classifier
         "samples": [{"act": a, "context": list(ex.context), "reference": ex.response, "response": r, "predicted": p}
                     for (ex, a), r, p in list(zip(asked, responses, predicted))[:samples]],
     }
-    import json
 
     lines = [json.dumps({"dialogue": ex.dialogue, "turn": ex.turn, "act": a, "response": r, "predicted": p,
                          "reference": ex.response}, ensure_ascii=False) for (ex, a), r, p in zip(asked, responses, predicted)]

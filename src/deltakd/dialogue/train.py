@@ -18,6 +18,16 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..data import TaskData, TaskSpec
+from ..data.dailydialog import (
+    ACTS,
+    DialogueCollator,
+    DialogueFormat,
+    ResponseExample,
+    act_token,
+    encode_response_examples,
+    model_max_positions,
+)
+from ..data.dailydialog_tasks import RECIPE_SPLITS, dialogue_format, lm_texts, response_split
 from ..data.lm import get_or_train_tokenizer
 from ..data.splits import subset
 from ..errors import DeltakdError
@@ -28,9 +38,6 @@ from ..recipe import Recipe
 from ..recipe.schema import FullFT, PrefixPeft, PromptPeft, PTuningPeft
 from ..runner import Prepared
 from ..runs import finished_runs
-from ..data.dailydialog import (ACTS, DialogueCollator, DialogueFormat, ResponseExample, act_token, encode_response_examples,
-                   model_max_positions)
-from ..data.dailydialog_tasks import RECIPE_SPLITS, dialogue_format, lm_texts, response_split
 
 
 def _model_folder(name: str) -> Path | None:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..utils import cache_root, cached_dir, text_digest
@@ -90,8 +91,6 @@ def compute_teacher_outputs(teacher: nn.Module, dataset: Any, collator: Any, bat
                             device: torch.device | str = "cpu", desc: str = "caching teacher outputs"
                             ) -> tuple[Tensor, Tensor]:
     """Run the frozen teacher over ``dataset`` in row order: fp16 logits (N, C), pooled (N, n+1, H)."""
-    from torch.utils.data import DataLoader
-
     cols = [c for c in _INPUT_COLUMNS if c in dataset.column_names]
     lengths = [len(ids) for ids in dataset["input_ids"]]
     order = sorted(range(len(lengths)), key=lengths.__getitem__)  # similar lengths together: little padding

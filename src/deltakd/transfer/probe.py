@@ -109,7 +109,6 @@ def dev_metric(model: nn.Module, data: ProbeData) -> float:
 def _fit(x: np.ndarray, y: np.ndarray, num_labels: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression ``(W (C, H), b (C,))`` over all ``num_labels`` classes; a class
     absent from ``y`` gets zero weights and a bias of -30 (probability ~0)."""
-
     w = np.zeros((num_labels, x.shape[1]))
     b = np.full(num_labels, -30.0)
     present = np.unique(y)
@@ -197,7 +196,6 @@ def probe_module(model: nn.Module, data: ProbeData, *, fit: bool, grads: bool, t
                  lr: float, batch_size: int, folds: int, seed: int) -> SourceProbe:
     """Fit the head on ``model``'s features, then collect what ``fit`` / ``grads`` / ``tuning`` ask for.
     ``model`` is changed (head set, and tuned when ``tuning``)."""
-
     out = SourceProbe()
     cv, w, b = fit_head(features(model, data.train, data.num_labels), data.labels, data.num_labels, folds, seed)
     set_head(model, w, b)

@@ -7,6 +7,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..report.compare import fmt_num, markdown_table
 from ..report.plots import _new_figure, atomic_write_bytes, png_bytes
 from ..utils import atomic_write_text
@@ -38,9 +40,6 @@ def mean_weights(result: TransferResult, start: str, sources: list[str], targets
 def weights_heatmap(result: TransferResult, starts: list[str], sources: list[str], targets: list[str],
                     title: str) -> bytes:
     """One panel per start: sources (rows) x targets (columns), cells = mean weight over seeds."""
-    import numpy as np
-
-
     n = len(starts)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
@@ -64,7 +63,6 @@ def weights_heatmap(result: TransferResult, starts: list[str], sources: list[str
 
 def results_rows(result: TransferResult, targets: list[str]) -> tuple[list[str], list[list[str]], list[list[Any]]]:
     """Markdown headers/rows and CSV rows of the results table."""
-
     table = summarise(result, targets)
     metric = next((r.metric for r in result.runs), "test_accuracy")
     random_mean = table.get("random", {}).get("mean", (math.nan,))[0]
@@ -88,7 +86,6 @@ def results_rows(result: TransferResult, targets: list[str]) -> tuple[list[str],
 
 def write_results(result: TransferResult, recipe: TransferRecipe) -> dict[str, Path]:
     """``results.csv``, ``results.md``, ``weights.csv``, ``weights.png`` in the experiment folder, atomically."""
-
     spec = recipe.transfer
     targets, sources = list(spec.targets), list(spec.sources)
     root = result.out_dir

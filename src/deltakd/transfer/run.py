@@ -1,7 +1,6 @@
 """``deltakd transfer RECIPE``: source library, estimators, fusion, k-shot target tuning, results.
 
 Layout under ``<output_dir>/<name>/``::
-
     estimates/<target>--s<seed>.json    scores per estimator, weights per start, leave-one-out sources
     fused/<target>--<start>--s<seed>.safetensors   the initial delta module of each fused start
     targets/<target>--<start>--s<seed>/<stamp>/    an ordinary run directory per target run
@@ -20,8 +19,8 @@ unchanged are reused.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -127,7 +126,6 @@ def scores_from_probes(recipe: TransferRecipe, target: str, sources: list[str], 
         elif name == "task_groups":
             out[name] = est.task_groups(sources, target, spec.groups or {})
         elif name == "cosine":
-        
             scaling = {s: modules[s].scaling for s in sources}
             flat_t = _flat(target_state, modules[sources[0]].scaling, spec.peft.method)
             out[name] = est.cosine([_flat(split_head(modules[s].state)[0], scaling[s], spec.peft.method)
@@ -283,7 +281,6 @@ class Progress:
 
 def check_recipe(recipe: TransferRecipe) -> dict[str, Recipe]:
     """Every ordinary recipe the experiment will run, validated before any work (bad input: one line)."""
-
     spec = recipe.transfer
     checked: dict[str, Recipe] = {}
     for name in dict.fromkeys([*spec.sources, *spec.targets]):
@@ -377,8 +374,6 @@ def fusion_key(start: str, sources: list[SourceModule], weights: list[float], fu
     weights and the fusion settings. Unlike a digest of the fused tensors it does not change with
     the floating-point rounding of the SVD / matmuls (thread count, BLAS), so a finished target run
     is reused whenever its inputs are unchanged."""
-    import hashlib
-
     payload = {"start": start, "sources": [[m.task, state_digest(m.state)] for m in sources],
                "weights": [round(float(w), 10) for w in weights], "fusion": fusion, "seed": seed}
     return "fusion:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -400,8 +395,6 @@ def _same_start(entry: dict[str, Any], key: str, sources: list[SourceModule], we
 
 def state_digest(state: dict[str, Tensor]) -> str:
     """A digest of a state dict's keys, shapes and exact values."""
-    import hashlib
-
     h = hashlib.sha256()
     for k in sorted(state):
         v = state[k].detach().to("cpu", torch.float32).contiguous()
