@@ -39,7 +39,7 @@ from .recipe.load import parse_override
 from .report.compare import (SEED_KEY, SWEEP_MANIFEST, SweepSummary, Trial, fmt_value, load_run, newest_finished,
                              short_keys, summarize, summary_chart, summary_csv, summary_markdown)
 from .runs import RunDir, latest_run, load_run_recipe
-from .utils import atomic_write_json, atomic_write_text
+from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 BACKENDS = ("local", "ray")
 _NOT_SWEEPABLE = ("name", "output_dir", "sweep", "extends")
@@ -300,8 +300,6 @@ def _write_manifest(plan: SweepPlan, states: dict[str, tuple[str, RunDir | None]
 
 def write_summary(sweep_dir: Path, summary: SweepSummary, grid: dict[str, list[Any]] | None = None) -> dict[str, Path]:
     """``summary.csv``, ``summary.md`` and ``summary.png`` in ``sweep_dir`` (each written atomically)."""
-    from .report.plots import atomic_write_bytes
-
     files = {"csv": sweep_dir / "summary.csv", "markdown": sweep_dir / "summary.md"}
     if os.environ.get("RANK", "0") not in ("", "0"):
         return {}  # under torchrun only the main process writes

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from ..errors import DeltakdError
-from ..utils import atomic_write_text
+from ..utils import atomic_write_bytes, atomic_write_text
 
 SWEEP_MANIFEST = "sweep.json"
 SEED_KEY = "train.seed"
@@ -538,7 +538,6 @@ def blocks_markdown(blocks: Sequence[Block]) -> str:
 def build_report(paths: Iterable[str | Path], out_dir: str | Path) -> dict[str, Path]:
     """Write ``report.md`` (with its PNGs beside it) and a self-contained ``report.html`` into ``out_dir``."""
     from .html import render_html
-    from .plots import atomic_write_bytes
 
     data = collect(paths)
     blocks = report_blocks(data)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..report.compare import fmt_num, markdown_table
-from ..utils import atomic_write_text
+from ..utils import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from .recipe import TransferRecipe
@@ -91,7 +91,6 @@ def results_rows(result: "TransferResult", targets: list[str]) -> tuple[list[str
 
 def write_results(result: "TransferResult", recipe: "TransferRecipe") -> dict[str, Path]:
     """``results.csv``, ``results.md``, ``weights.csv``, ``weights.png`` in the experiment folder, atomically."""
-    from ..report.plots import atomic_write_bytes
     from .run import csv_text
 
     spec = recipe.transfer
