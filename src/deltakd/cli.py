@@ -170,7 +170,7 @@ def sweep(recipe: Path = typer.Argument(..., help="Recipe YAML file with a sweep
     from rich.text import Text
 
     from . import api
-    from .report.compare import best_lines, summary_table
+    from .report.sweep_stats import best_lines, summary_table
 
     result = api.sweep(recipe, overrides or [], backend=backend, ray_address=ray_address,
                        cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)

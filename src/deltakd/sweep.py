@@ -36,8 +36,9 @@ from rich.console import Console
 from .errors import DeltakdError
 from .recipe import Recipe, apply_overrides, dump_recipe, load_raw, validate
 from .recipe.load import parse_override
-from .report.compare import (SEED_KEY, SWEEP_MANIFEST, SweepSummary, Trial, fmt_value, load_run, newest_finished,
-                             short_keys, summarize, summary_chart, summary_csv, summary_markdown)
+from .report.compare import SWEEP_MANIFEST, load_run, newest_finished
+from .report.format import fmt_value, short_keys
+from .report.sweep_stats import SEED_KEY, SweepSummary, Trial, summarize, summary_chart, summary_csv, summary_markdown
 from .runs import RunDir, latest_run, load_run_recipe
 from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 

@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..report.compare import fmt_num, markdown_table
+from ..report.format import fmt_num, markdown_table
 from ..utils import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
