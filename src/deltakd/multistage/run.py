@@ -35,11 +35,13 @@ from ..models.student import every_other, layer_count
 from ..runs import RunDir, new_run_dir
 from ..runs.rundir import PROVENANCE_KEY
 from ..utils import atomic_write_json, cpu_only
+from .bottleneck import bottleneck_student
 from .data import HeldoutSplit, ParallelPair, StsSet, heldout_split, read_parallel, read_sts
 from .evaluate import encode_speed, evaluate_multilingual, hf_encoder, mse_to_teacher, st_encoder
-from .models import (BottleneckEmbedding, bottleneck_student, count_parameters, layer_pattern, load_student,
-                     multistage_spec, recurrence_pattern, recurrent_student, search_keep, save_student, uses_normalize)
 from .recipe import MultistageRecipe, load_multistage_recipe, validate
+from .recurrence import recurrence_pattern, recurrent_student, search_keep
+from .saving import load_student, save_student, uses_normalize
+from .structure import BottleneckEmbedding, count_parameters, layer_pattern, multistage_spec
 from .teacher import TeacherEmbeddings, load_teacher, teacher_embeddings
 
 __all__ = ["Stage", "StageOutcome", "evaluate_run", "prepare_stage", "resolve_init", "run_pipeline",
@@ -140,7 +142,7 @@ def _start_model(recipe: MultistageRecipe, teacher: Any, init: Path | None) -> t
     """(student HF model, tokenizer) before this stage's structure is applied."""
     from transformers import AutoTokenizer
 
-    from .models import transformer_parts
+    from .saving import transformer_parts
 
     if init is not None or recipe.student.model is not None:
         path = init if init is not None else Path(resolve_model_path(recipe.student.model))
@@ -338,7 +340,7 @@ def train_stage(stage: Stage, run: RunDir, resume: bool = False, test: bool = Tr
                  max_seq_length=recipe.data.max_length)
     shutil.rmtree(run.model_dir, ignore_errors=True)
     tmp.rename(run.model_dir)
-    from .models import export_plain
+    from .saving import export_plain
 
     teacher_params = count_parameters(stage.teacher)
     params = count_parameters(model)
