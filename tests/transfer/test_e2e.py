@@ -111,7 +111,8 @@ def test_fused_start_is_the_weighted_sum_of_source_updates(experiment):
     approximation of sum_i w_i s_i B_i A_i (Eckart-Young: the error is the tail singular values)."""
     from safetensors.torch import load_file
 
-    from deltakd.transfer.fuse import lora_delta_weights, lora_pairs, merged_lora_delta
+    from deltakd.transfer.fuse import merged_lora_delta
+    from deltakd.transfer.state_dicts import lora_delta_weights, lora_pairs
 
     _, res = experiment
     est = res.estimates[0]

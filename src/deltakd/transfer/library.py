@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from ..errors import DeltakdError
 from ..recipe import Recipe, validate
 from ..utils import atomic_write_json, text_digest
-from .fuse import TransferError, lora_scaling
 from .recipe import TransferRecipe
+from .state_dicts import TransferError, lora_scaling
 
 MODULE_FILE = "module.safetensors"
 META_FILE = "meta.json"

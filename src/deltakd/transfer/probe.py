@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from ..evaluate.metrics import compute_metrics
-from .fuse import is_head_key, split_head
 from .library import delta_state
+from .state_dicts import is_head_key, split_head
 
 Batch = dict[str, Tensor]
 

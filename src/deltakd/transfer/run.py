@@ -37,9 +37,11 @@ from ..errors import DeltakdError
 from ..recipe import Recipe, validate
 from ..utils import atomic_write_json, atomic_write_text, text_digest
 from . import estimators as est
-from .fuse import Combine, TransferError, fuse_modules
+from .fuse import fuse_modules
 from .library import SourceModule, _task_dict, build_module, delta_state, load_delta, source_recipe
+from .merging import Combine
 from .recipe import TransferRecipe, load_transfer_recipe
+from .state_dicts import TransferError
 
 if TYPE_CHECKING:
     from ..runs import RunDir
@@ -134,7 +136,7 @@ def scores_from_probes(recipe: TransferRecipe, target: str, sources: list[str], 
         elif name == "task_groups":
             out[name] = est.task_groups(sources, target, spec.groups or {})
         elif name == "cosine":
-            from .fuse import split_head
+            from .state_dicts import split_head
 
             scaling = {s: modules[s].scaling for s in sources}
             flat_t = _flat(target_state, modules[sources[0]].scaling, spec.peft.method)
@@ -156,7 +158,7 @@ def scores_from_probes(recipe: TransferRecipe, target: str, sources: list[str], 
 
 
 def _flat(state: dict[str, Tensor], scaling: float, method: str) -> Tensor:
-    from .fuse import flatten_delta
+    from .state_dicts import flatten_delta
 
     return flatten_delta(state, lora="product", scaling=scaling) if method == "lora" else flatten_delta(state)
 
@@ -233,7 +235,7 @@ def estimate_target(recipe: TransferRecipe, target: str, seed: int, modules: dic
 
 
 def _without_head(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    from .fuse import split_head
+    from .state_dicts import split_head
 
     return split_head(state)[0]
 
