@@ -30,7 +30,7 @@ LR = {"nokd": 1e-4, "lorakd": 1e-4, "railkd_c": 1e-4, "railkd_l": 1e-4, "curricu
 def main() -> None:
     from deltakd import api
     from deltakd.recipe import load_recipe
-    from deltakd.report.compare import newest_finished
+    from deltakd.runs import newest_finished
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/glue/sst2"))
@@ -46,7 +46,7 @@ def main() -> None:
     common = [f"task.data_dir={a.data}", f"task.max_train_samples={a.train_samples}", f"output_dir={a.output_dir}"]
     done = newest_finished(Path(a.output_dir) / "loraild-teacher")
     if done is not None:
-        teacher = json.loads((Path(done) / "results.json").read_text())
+        teacher = done.read_results()
     else:
         teacher = api.train(recipes / "teacher.yaml", [*common, f"train.epochs={a.teacher_epochs}"])
     t_acc = teacher["metrics"]["test"]["accuracy"]

@@ -9,7 +9,6 @@ seed (same steps), and prints held-out perplexity and training tokens/s of each.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 from pathlib import Path
@@ -30,10 +29,10 @@ def main() -> None:
     a = ap.parse_args()
     out = f"output_dir={a.output_dir}"
     recipes = ROOT / "recipes" / "partial_kd"
-    from deltakd.report.compare import newest_finished
+    from deltakd.runs import newest_finished
 
     done = newest_finished(Path(a.output_dir) / "partial-kd-teacher") if a.reuse_teacher else None
-    teacher = json.loads((done / "results.json").read_text()) if done else api.train(recipes / "teacher.yaml", [out])
+    teacher = done.read_results() if done else api.train(recipes / "teacher.yaml", [out])
     rows = [("teacher (4 layers)", [teacher])]
     for name, file in (("KD student (2 layers)", "student_kd.yaml"), ("no-KD student (2 layers)", "student_nokd.yaml")):
         runs = [api.train(recipes / file, [out, f"train.seed={s}", f"teacher.run={teacher['run_dir']}"])

@@ -3,7 +3,6 @@ the one recipe discriminator."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import yaml

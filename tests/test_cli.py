@@ -13,7 +13,7 @@ import pytest
 
 from deltakd import __version__
 
-from .conftest import ROOT, write_recipe
+from .conftest import ROOT
 from .test_train import tiny_recipe
 
 DELTAKD = [sys.executable, "-m", "deltakd.cli"]

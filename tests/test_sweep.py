@@ -14,7 +14,7 @@ import yaml
 
 from deltakd import api
 from deltakd.errors import DeltakdError
-from deltakd.report.compare import short_keys
+from deltakd.report.format import short_keys
 from deltakd.runs import RunDir, find_resumable, new_run_dir
 from deltakd.sweep import plan_sweep, trial_names
 
@@ -209,7 +209,8 @@ def test_summary_resume_and_extension_with_a_stand_in_trainer(tmp_path, toy_task
 
 def test_single_seed_and_lower_is_better(tmp_path, toy_task, monkeypatch):
     """Without train.seed in the grid n=1 and std is blank; losses rank lowest-first."""
-    from deltakd.report.compare import Trial, load_run, summarize
+    from deltakd.report.compare import load_run
+    from deltakd.report.sweep_stats import Trial, summarize
 
     calls: list = []
     monkeypatch.setattr(api, "train", fake_train(calls))

@@ -178,7 +178,7 @@ def sweep(recipe: Path = typer.Argument(..., help="Recipe YAML file with a sweep
     from rich.text import Text
 
     api = _api()
-    from .report.compare import best_lines, summary_table  # lazy: plotting stack, as _api
+    from .report.sweep_stats import best_lines, summary_table  # lazy: plotting stack, as _api
 
     result = api.sweep(recipe, overrides or [], backend=backend, ray_address=ray_address,
                        cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)

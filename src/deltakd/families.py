@@ -18,8 +18,7 @@ from .multistage.family import MultistageFamily
 from .recipe import apply_overrides, load_raw
 from .recipe.kinds import TRANSFER, recipe_kind
 from .runner import Family, Prepared
-from .runner.family import read_recipe_data
-from .runs import RunDir
+from .runs import RunDir, read_recipe_data
 
 FAMILIES: dict[str, Family] = {
     "classification": ClassificationFamily(),  # sequence classification / regression, logit and layer KD

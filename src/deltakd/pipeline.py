@@ -17,8 +17,7 @@ from .multistage.family import MultistageFamily, evaluate_run
 from .multistage.recipe import MultistageRecipe
 from .multistage.stage import resolve_init
 from .runner import lifecycle
-from .runner.family import read_recipe_data
-from .runs import RunResults
+from .runs import RunResults, read_recipe_data
 from .runs.rundir import runs_of
 
 __all__ = ["StageOutcome", "run_pipeline", "train_stage_recipe"]

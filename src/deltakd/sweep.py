@@ -38,25 +38,13 @@ from . import families
 from .errors import DeltakdError
 from .recipe import apply_overrides, load_raw
 from .recipe.load import parse_override
-from .report.compare import (
-    SEED_KEY,
-    SWEEP_MANIFEST,
-    SweepSummary,
-    Trial,
-    fmt_value,
-    load_run,
-    short_keys,
-    summarize,
-    summary_chart,
-    summary_csv,
-    summary_markdown,
-)
-from .report.plots import atomic_write_bytes
+from .report.compare import SWEEP_MANIFEST, load_run
+from .report.format import fmt_value, short_keys
+from .report.sweep_stats import SEED_KEY, SweepSummary, Trial, summarize, summary_chart, summary_csv, summary_markdown
 from .runner import Family, lifecycle
-from .runner.family import read_recipe_data
-from .runs import RunDir, latest_run, newest_finished
+from .runs import RunDir, latest_run, newest_finished, read_recipe_data
 from .trackers import check_trackers
-from .utils import atomic_write_json, atomic_write_text
+from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 BACKENDS = ("local", "ray")
 _NOT_SWEEPABLE = ("name", "output_dir", "sweep", "extends")

@@ -15,33 +15,28 @@ from transformers import BertConfig, BertForMaskedLM, BertModel
 from deltakd.errors import DeltakdError
 from deltakd.models.student import student_from_teacher
 from deltakd.multistage.evaluate import hf_encoder, st_encoder
-from deltakd.multistage.models import (
-    MULTISTAGE_CONFIG,
-    MULTISTAGE_WEIGHTS,
-    SPEC_KEY,
-    BottleneckEmbedding,
-    add_embedding_bottleneck,
-    align_bottleneck,
+from deltakd.multistage.bottleneck import add_embedding_bottleneck, align_bottleneck, bottleneck_student, materialize
+from deltakd.multistage.recurrence import (
     apply_recurrence,
-    bottleneck_student,
-    count_parameters,
     block_pattern,
     cycle_pattern,
-    export_plain,
-    layer_pattern,
-    load_student,
-    materialize,
-    multistage_spec,
     nearest_pattern,
     recurrence_pattern,
     recurrent_student,
-    save_student,
     search_keep,
+    unroll,
+)
+from deltakd.multistage.saving import (
+    MULTISTAGE_CONFIG,
+    MULTISTAGE_WEIGHTS,
+    export_plain,
+    load_student,
+    save_student,
     to_sentence_transformer,
     transformer_parts,
-    unroll,
     uses_normalize,
 )
+from deltakd.multistage.structure import SPEC_KEY, BottleneckEmbedding, count_parameters, layer_pattern, multistage_spec
 
 from .conftest import PAIRS
 

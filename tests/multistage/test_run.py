@@ -20,8 +20,9 @@ from deltakd.errors import DeltakdError
 from deltakd import pipeline as msrun
 from deltakd.multistage import stage as msstage
 from deltakd.multistage.evaluate import hf_encoder, st_encoder
-from deltakd.multistage.models import layer_pattern, load_student, multistage_spec
 from deltakd.multistage.recipe import load_multistage_recipe
+from deltakd.multistage.saving import load_student
+from deltakd.multistage.structure import layer_pattern, multistage_spec
 
 from ..conftest import ROOT, write_tiny_bert
 
@@ -338,9 +339,9 @@ def test_recurrence_search_keeps_the_subset_closest_to_the_teacher(world, tmp_pa
     # re-score by hand: the chosen keep is the minimum of the reported best three
     recipe = load_multistage_recipe(path, over)
     stage = msstage.prepare_stage(recipe)
-    from deltakd.multistage.models import recurrence_pattern, search_keep
+    from deltakd.multistage.recurrence import recurrence_pattern, search_keep
 
-    from deltakd.multistage.models import transformer_parts
+    from deltakd.multistage.saving import transformer_parts
 
     teacher_model = transformer_parts(stage.teacher)[0]
     sample = list(dict.fromkeys(p.english for p in stage.split.train))[:16]

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from deltakd.errors import DeltakdError
-from deltakd.report.compare import (Trial, build_report, collect, curves_of, load_run, summarize, summary_csv)
+from deltakd.report.compare import build_report, collect, curves_of, load_run
+from deltakd.report.sweep_stats import Trial, summarize, summary_csv
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -111,7 +111,8 @@ def test_fused_start_is_the_weighted_sum_of_source_updates(experiment):
     approximation of sum_i w_i s_i B_i A_i (Eckart-Young: the error is the tail singular values)."""
     from safetensors.torch import load_file
 
-    from deltakd.transfer.fuse import lora_delta_weights, lora_pairs, merged_lora_delta
+    from deltakd.transfer.fuse import merged_lora_delta
+    from deltakd.transfer.state_dicts import lora_delta_weights, lora_pairs
 
     _, res = experiment
     est = res.estimates[0]
@@ -139,8 +140,6 @@ def test_fused_start_is_the_weighted_sum_of_source_updates(experiment):
 
 
 def test_target_runs_start_from_the_fused_module_and_rerun_skips(experiment):
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import load_file
 
     from deltakd.transfer.run import run_transfer
 

@@ -29,7 +29,7 @@ from deltakd.transfer.estimators import (
     task_groups,
     uniform,
 )
-from deltakd.transfer.fuse import TransferError
+from deltakd.transfer.state_dicts import TransferError
 
 D = torch.float64
 

@@ -10,24 +10,23 @@ import torch
 
 from deltakd.errors import DeltakdError
 from deltakd.transfer.fuse import (
-    Combine,
-    TransferError,
-    combine_task_vectors,
-    dare,
-    flatten_delta,
     fuse_average,
     fuse_heads,
     fuse_lora,
     fuse_lora_factors,
     fuse_modules,
+    merged_lora_delta,
+    refactor_lora,
+)
+from deltakd.transfer.merging import Combine, combine_task_vectors, dare, ties_merge
+from deltakd.transfer.state_dicts import (
+    TransferError,
+    flatten_delta,
     lora_delta_weights,
     lora_pairs,
     lora_scaling,
     lora_scalings,
-    merged_lora_delta,
-    refactor_lora,
     split_head,
-    ties_merge,
 )
 
 D = torch.float64

@@ -21,15 +21,16 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 from transformers import PreTrainedModel
+
+from ..utils import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "ARCHITECTURES",
@@ -323,18 +324,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     }
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_bottleneck(
     model: nn.Module,
     directory: str | os.PathLike[str],
@@ -364,19 +353,8 @@ def save_bottleneck(
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-
-    def write_json(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def write_weights(tmp: str) -> None:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-
-    _atomic_write(out / WEIGHTS_NAME, write_weights)
-    _atomic_write(out / CONFIG_NAME, write_json)
+    atomic_write_bytes(out / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def read_bottleneck_config(

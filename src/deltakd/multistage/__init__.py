@@ -4,8 +4,11 @@ Reimers & Gurevych 2020 (multilingual knowledge distillation, MSE baseline) and 
 (multi-stage distillation: bottleneck, parameter recurrence, multilingual contrastive learning).
 
 - ``data``: parallel pairs, cross-lingual STS, held-out split, pair collator;
-- ``models``: bottleneck embedding + SVD alignment, parameter recurrence, save / load / export,
-  SentenceTransformer wrapping;
+- ``structure``: the bottleneck embedding module, the transformer-layer list, the structure spec;
+- ``bottleneck``: factorised token embedding, SVD alignment, multiplying it out;
+- ``recurrence``: layer patterns, shared layers (apply, build a student, unroll), kept-layer search;
+- ``saving``: save / load / export of students (portable and compact forms), SentenceTransformer
+  wrapping;
 - ``losses``: pure tensor losses (Reimers MSE, InfoNCE / MCL, in-batch CE and BCE);
 - ``evaluate``: MSE x100, translation retrieval, STS Spearman, encode speed;
 - ``recipe``: the family's recipe model (``family: multistage``), stage structure and losses;

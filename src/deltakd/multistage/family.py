@@ -20,9 +20,10 @@ from ..runner import Family, Prepared, training_arguments
 from ..runs import RunDir, RunResults
 from ..utils import atomic_write_json
 from .evaluate import evaluate_multilingual, hf_encoder
-from .models import count_parameters, export_plain, multistage_spec, save_student
 from .recipe import MultistageRecipe, load_multistage_recipe, validate
+from .saving import export_plain, save_student
 from .stage import Stage, eval_saved, measure, prepare_stage, read_pairs, read_sts_sets, teacher_metrics
+from .structure import count_parameters, multistage_spec
 from .teacher import load_teacher, teacher_embeddings
 from .trainer import MultistageTrainer, PairBatchCollator
 

@@ -22,21 +22,13 @@ from ..models.hub import resolve_model_path
 from ..models.student import every_other, layer_count
 from ..runs import RunDir, finished_runs
 from ..utils import cpu_only
+from .bottleneck import bottleneck_student
 from .data import HeldoutSplit, ParallelPair, StsSet, heldout_split, read_parallel, read_sts
 from .evaluate import encode_speed, evaluate_multilingual, hf_encoder, mse_to_teacher, st_encoder
-from .models import (
-    BottleneckEmbedding,
-    bottleneck_student,
-    count_parameters,
-    layer_pattern,
-    load_student,
-    recurrence_pattern,
-    recurrent_student,
-    search_keep,
-    transformer_parts,
-    uses_normalize,
-)
 from .recipe import MultistageRecipe
+from .recurrence import recurrence_pattern, recurrent_student, search_keep
+from .saving import load_student, transformer_parts, uses_normalize
+from .structure import BottleneckEmbedding, count_parameters, layer_pattern
 from .teacher import TeacherEmbeddings, load_teacher, teacher_embeddings
 
 __all__ = ["MAX_SEARCH", "Stage", "eval_saved", "measure", "prepare_stage", "read_pairs", "read_sts_sets",

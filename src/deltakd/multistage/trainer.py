@@ -2,10 +2,11 @@
 
 A batch is two tokenised sides of the same pairs plus the cached teacher embedding of each
 English sentence (``PairBatchCollator``); the student (a plain HF encoder, possibly with a
-bottleneck embedding or shared layers, built beforehand in ``models.py``) embeds both sides with
-mean pooling (+ L2 when the teacher normalises), and the loss is the recipe's weighted sum of
-the pure functions in ``losses.py``. Every term is logged as ``loss_<term>``. Evaluation adds
-held-out translation accuracy and MSE x100 to the Trainer's ``eval_loss``.
+bottleneck embedding or shared layers, built beforehand in ``bottleneck.py`` / ``recurrence.py``)
+embeds both sides with mean pooling (+ L2 when the teacher normalises), and the loss is the
+recipe's weighted sum of the pure functions in ``losses.py``. Every term is logged as
+``loss_<term>``. Evaluation adds held-out translation accuracy and MSE x100 to the Trainer's
+``eval_loss``.
 """
 
 from __future__ import annotations

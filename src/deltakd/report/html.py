@@ -8,10 +8,9 @@ from __future__ import annotations
 import base64
 import html
 import re
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
-if TYPE_CHECKING:
-    from .compare import Block
+from .blocks import Block
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2rem auto;
@@ -46,7 +45,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
 
 
-def render_html(blocks: Sequence["Block"], title: str = "deltakd report") -> str:
+def render_html(blocks: Sequence[Block], title: str = "deltakd report") -> str:
     parts = []
     for b in blocks:
         if b.kind == "h1":

@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterable
 
 import torch
-import yaml
 from transformers import Trainer, TrainingArguments
 
 from ..data import TaskData
 from ..errors import DeltakdError
 from ..recipe import apply_overrides, dump_recipe, load_raw
 from ..runs import RunDir, RunResults
-from ..runs.rundir import PROVENANCE_KEY
+from ..runs.rundir import read_recipe_data
 from .arguments import training_arguments
 from .evaluation import default_collator, metrics_for, task_metrics
 
@@ -124,18 +123,6 @@ class Family:
     def evaluate_saved(self, run: RunDir, split: str, batch_size: int | None) -> dict[str, float]:
         """Reload a finished run's saved model and evaluate it on ``split`` (``deltakd eval``)."""
         raise DeltakdError(f"'{run.path}': a {self.name} run cannot be re-evaluated")
-
-
-def read_recipe_data(run: RunDir) -> dict[str, Any] | None:
-    """A run's ``recipe.yaml`` as a dict (provenance dropped), or None when missing or unreadable."""
-    try:
-        data = yaml.safe_load(run.recipe_file.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    data.pop(PROVENANCE_KEY, None)
-    return data
 
 
 def _diff(x: Any, y: Any, prefix: str) -> list[str]:

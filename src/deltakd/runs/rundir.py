@@ -75,9 +75,16 @@ class RunDir:
             f.write(json.dumps(event) + "\n")
 
     def read_events(self) -> list[dict[str, Any]]:
+        """The metrics log; a line cut by a kill mid-write is skipped."""
         if not self.metrics_file.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        events = []
+        for line in self.metrics_file.read_text(encoding="utf-8").splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return events
 
     def truncate_events(self, after_step: int) -> None:
         """Drop events logged after ``after_step`` (a resumed run logs them again)."""
@@ -139,6 +146,18 @@ def find_resumable(output_dir: Path, name: str) -> RunDir | None:
         if not run.finished:
             return run
     return None
+
+
+def read_recipe_data(run: RunDir) -> dict[str, Any] | None:
+    """A run's ``recipe.yaml`` as a dict (provenance dropped), or None when missing or unreadable."""
+    try:
+        data = yaml.safe_load(run.recipe_file.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    data.pop(PROVENANCE_KEY, None)
+    return data
 
 
 def load_run_recipe(run_dir: Path | RunDir) -> Recipe:

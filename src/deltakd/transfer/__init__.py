@@ -10,7 +10,9 @@ a task-similarity estimate, into the initial module of a (few-shot) target task:
 """
 
 from .estimators import ESTIMATORS, UnknownEstimatorError, get_estimator, leave_one_out, softmax_weights
-from .fuse import Combine, TransferError, fuse_heads, fuse_modules, split_head
+from .fuse import fuse_heads, fuse_modules
+from .merging import Combine
+from .state_dicts import TransferError, split_head
 
 __all__ = [
     "ESTIMATORS",

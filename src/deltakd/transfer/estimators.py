@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fuse import StateDict, TransferError, flatten_delta
+from .state_dicts import StateDict, TransferError, flatten_delta
 
 __all__ = [
     "ESTIMATORS",
@@ -152,7 +152,7 @@ def cosine(sources: Sequence[StateOrVector], target: StateOrVector) -> Tensor:
     """Cosine similarity of each source module's flattened delta with a module briefly tuned on the
     target (as in SPoT, Vu et al. 2022, for prompts)  # (S,)
 
-    State dicts are flattened by :func:`deltakd.transfer.fuse.flatten_delta` (heads dropped, LoRA as
+    State dicts are flattened by :func:`deltakd.transfer.state_dicts.flatten_delta` (heads dropped, LoRA as
     ``B @ A``, unscaled); pass flat tensors to flatten otherwise (per-module scaling, raw factors).
     """
     if not sources:

@@ -15,12 +15,12 @@ source (usually :func:`deltakd.transfer.estimators.softmax_weights`, summing to 
   sparsified: TIES-merging (Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging
   Models": trim to the top-k% magnitudes, elect a sign, disjoint mean) or DARE (Yu et al. 2023,
   "Language Models are Super Mario": drop each entry with probability ``p``, rescale by
-  ``1 / (1 - p)``), see :class:`Combine`.
+  ``1 / (1 - p)``), see :class:`deltakd.transfer.merging.Combine`.
 
-Task heads are never fused with the delta: :func:`split_head` separates them, and :func:`fuse_heads`
-averages them only when every source has the same label set (same labels, same order); otherwise the
-target's head starts fresh (``None``), because rows of heads with different label sets mean
-different things (or differ in number).
+Task heads are never fused with the delta: :func:`deltakd.transfer.state_dicts.split_head` separates
+them, and :func:`fuse_heads` averages them only when every source has the same label set (same
+labels, same order); otherwise the target's head starts fresh (``None``), because rows of heads with
+different label sets mean different things (or differ in number).
 
 Shapes: ``S`` sources, ``r`` LoRA rank, ``out``/``in`` the adapted layer's output/input width.
 """
@@ -28,284 +28,35 @@ Shapes: ``S`` sources, ``r`` LoRA rank, ``out``/``in`` the adapted layer's outpu
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..errors import DeltakdError
+from .merging import Combine, combine_task_vectors
+from .state_dicts import (
+    HEAD_PATTERNS,
+    PerModule,
+    StateDict,
+    TransferError,
+    check_no_head,
+    check_same_keys,
+    lora_delta_weights,
+    lora_pairs,
+    per_module,
+    split_head,
+)
 
 __all__ = [
-    "HEAD_PATTERNS",
-    "Combine",
-    "LoraPair",
-    "PerModule",
-    "TransferError",
-    "as_weights",
-    "combine_task_vectors",
-    "dare",
-    "flatten_delta",
     "fuse_average",
     "fuse_heads",
     "fuse_lora",
     "fuse_lora_factors",
     "fuse_modules",
-    "is_head_key",
-    "lora_delta_weights",
-    "lora_pairs",
-    "lora_scaling",
-    "lora_scalings",
     "merged_lora_delta",
     "refactor_lora",
-    "split_head",
-    "ties_merge",
 ]
-
-StateDict = Mapping[str, Tensor]
-PerModule = float | Mapping[str, float]
-"""A value for every LoRA module: one number for all, or module name (key prefix) -> number."""
-
-HEAD_PATTERNS: tuple[str, ...] = ("classifier", "score")
-"""Substrings marking task-head keys (as ``trainable_extra`` in :mod:`deltakd.models.bottleneck`)."""
-
-class TransferError(DeltakdError, ValueError):
-    """Bad input to transfer estimation or fusion (mismatched modules, weights, names)."""
-
-
-# --------------------------------------------------------------------------------------------
-# keys
-# --------------------------------------------------------------------------------------------
-
-# Linear LoRA: "<module>.lora_A.weight" (peft state dict) or "<module>.lora_A.<adapter>.weight".
-_LORA_LINEAR = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
-# Embedding LoRA: "<module>.lora_embedding_A" or "<module>.lora_embedding_A.<adapter>" (no ".weight").
-_LORA_EMBEDDING = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?$")
-
-
-@dataclass(frozen=True)
-class LoraPair:
-    """The two factor keys of one LoRA module; ``dW = scaling * B @ A`` (up to a transpose for
-    embeddings, where peft stores ``A: (r, vocab)``, ``B: (dim, r)`` and uses ``(B @ A).T``; the
-    fusion works in the stored layout, so that transpose never matters here)."""
-
-    module: str  # the adapted module's name, e.g. "base_model.model.bert.encoder.layer.0.attention.self.query"
-    a_key: str
-    b_key: str
-
-
-def is_head_key(key: str, head_patterns: Sequence[str] = HEAD_PATTERNS) -> bool:
-    """Whether ``key`` belongs to the task head (contains one of ``head_patterns``)."""
-    return any(p in key for p in head_patterns)
-
-
-def split_head(state: StateDict, head_patterns: Sequence[str] = HEAD_PATTERNS) -> tuple[dict[str, Tensor],
-                                                                                      dict[str, Tensor]]:
-    """``(delta, head)``: the delta-module entries and the task-head entries of ``state``.
-
-    Heads are kept apart because a head only means something for its own label set: see
-    :func:`fuse_heads` (averaged when all label sets are identical, else the target's head starts fresh).
-    """
-    delta = {k: v for k, v in state.items() if not is_head_key(k, head_patterns)}
-    head = {k: v for k, v in state.items() if is_head_key(k, head_patterns)}
-    return delta, head
-
-
-def lora_pairs(state: StateDict) -> tuple[dict[str, LoraPair], list[str]]:
-    """``({module: LoraPair}, other keys)`` of a state dict; raises if a factor lacks its partner."""
-    found: dict[str, dict[str, str]] = {}
-    adapters: dict[str, str | None] = {}
-    other: list[str] = []
-    for key in state:
-        m = _LORA_LINEAR.match(key) or _LORA_EMBEDDING.match(key)
-        if m is None:
-            other.append(key)
-            continue
-        module = m["module"]
-        if adapters.setdefault(module, m["adapter"]) != m["adapter"]:
-            raise TransferError(f"LoRA module '{module}' has several adapters in one state dict "
-                                f"({adapters[module]}, {m['adapter']}); pass one adapter's weights")
-        found.setdefault(module, {})[m["ab"]] = key
-    pairs: dict[str, LoraPair] = {}
-    for module, ab in found.items():
-        if set(ab) != {"A", "B"}:
-            lacking = "B" if "A" in ab else "A"
-            raise TransferError(f"LoRA module '{module}' has no lora_{lacking} factor in the state dict")
-        pairs[module] = LoraPair(module, ab["A"], ab["B"])
-    return pairs, other
-
-
-def _check_no_head(state: StateDict, head_patterns: Sequence[str], where: str) -> None:
-    heads = sorted(k for k in state if is_head_key(k, head_patterns))
-    if heads:
-        more = f" (+{len(heads) - 3} more)" if len(heads) > 3 else ""
-        raise TransferError(
-            f"{where}: task-head keys {', '.join(heads[:3])}{more} in a delta state dict; separate them with "
-            "split_head() (heads are fused only when all label sets are identical, see fuse_heads)")
-
-
-def _check_same_keys(states: Sequence[StateDict], what: str = "state dict") -> list[str]:
-    if not states:
-        raise TransferError("no source modules to fuse")
-    keys = list(states[0])
-    first = set(keys)
-    for i, s in enumerate(states[1:], start=1):
-        if set(s) != first:
-            only0 = sorted(first - set(s))[:3]
-            only_i = sorted(set(s) - first)[:3]
-            raise TransferError(f"source {i}'s {what} has different keys from source 0's "
-                                f"(only in 0: {only0}; only in {i}: {only_i})")
-    for k in keys:
-        shapes = {tuple(s[k].shape) for s in states}
-        if len(shapes) > 1:
-            raise TransferError(f"'{k}' has different shapes across sources: {sorted(shapes)}")
-    return keys
-
-
-# --------------------------------------------------------------------------------------------
-# weights and per-module values
-# --------------------------------------------------------------------------------------------
-
-
-def as_weights(weights: Tensor | Sequence[float], n: int) -> Tensor:
-    """``weights`` as a finite float64 tensor of length ``n``  # (S,)"""
-    w = torch.as_tensor(weights, dtype=torch.float64).detach().cpu().flatten()
-    if w.numel() != n:
-        raise TransferError(f"got {w.numel()} fusion weights for {n} source modules")
-    if not torch.isfinite(w).all():
-        raise TransferError(f"fusion weights must be finite, got {w.tolist()}")
-    return w
-
-
-def _per_module(value: PerModule, module: str, what: str) -> float:
-    if isinstance(value, Mapping):
-        if module not in value:
-            raise TransferError(f"no {what} for LoRA module '{module}' (have {len(value)} entries, "
-                                f"e.g. {sorted(value)[:2]})")
-        return float(value[module])
-    return float(value)
-
-
-def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
-    """peft's LoRA scaling: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023)."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
-def lora_scalings(model: nn.Module, adapter_name: str = "default") -> dict[str, float]:
-    """``{module name: scaling}`` for every LoRA layer of a peft model, read from the layers themselves
-    (so ``rank_pattern`` / ``alpha_pattern`` / rsLoRA are honoured). Names match :func:`lora_pairs`'
-    module names for ``peft.get_peft_model_state_dict`` keys."""
-    out: dict[str, float] = {}
-    for name, module in model.named_modules():
-        scaling = getattr(module, "scaling", None)
-        if isinstance(scaling, dict) and adapter_name in scaling and hasattr(module, "lora_A"):
-            out[name] = float(scaling[adapter_name])
-    if not out:
-        raise TransferError(f"{type(model).__name__} has no LoRA layers with adapter '{adapter_name}'")
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# combining task vectors: weighted average, TIES, DARE
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Combine:
-    """How task vectors are combined before (or instead of) plain weighting.
-
-    - ``average``: ``sum_i w_i tau_i``;
-    - ``ties`` (Yadav et al. 2023): keep the top ``density`` fraction of each ``tau_i`` by magnitude
-      (over the whole module, all keys together, as in the paper), elect the sign of
-      ``sum_i w_i trim(tau_i)`` per entry, then average, weighted by ``w_i``, only the kept entries whose
-      sign agrees. With equal weights this is the paper's disjoint mean; note the result is a weighted
-      *mean* (it does not scale with ``sum_i w_i``);
-    - ``dare`` (Yu et al. 2023): drop each entry of each ``tau_i`` with probability ``drop_rate``,
-      rescale survivors by ``1 / (1 - drop_rate)`` (seeded with ``seed``), then ``sum_i w_i dare(tau_i)``.
-    """
-
-    method: Literal["average", "ties", "dare"] = "average"
-    density: float = 0.2
-    drop_rate: float = 0.9
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.method not in ("average", "ties", "dare"):
-            raise TransferError(f"combine method '{self.method}': expected one of ['average', 'ties', 'dare']")
-        if not 0.0 < self.density <= 1.0:
-            raise TransferError(f"TIES density must be in (0, 1], got {self.density}")
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise TransferError(f"DARE drop_rate must be in [0, 1), got {self.drop_rate}")
-
-
-def dare(vector: Tensor, drop_rate: float, generator: torch.Generator | None = None) -> Tensor:
-    """DARE (Yu et al. 2023): zero each entry with probability ``drop_rate``, scale the rest by
-    ``1 / (1 - drop_rate)`` so the expectation is unchanged."""
-    if not 0.0 <= drop_rate < 1.0:
-        raise TransferError(f"DARE drop_rate must be in [0, 1), got {drop_rate}")
-    if drop_rate == 0.0:
-        return vector.clone()
-    keep = torch.rand(vector.shape, generator=generator, device="cpu") >= drop_rate
-    return vector * keep.to(vector.device, vector.dtype) / (1.0 - drop_rate)
-
-
-def _trim_threshold(flat_abs: Tensor, density: float) -> Tensor:
-    """Magnitude of the ``k``-th largest entry, ``k = ceil(density * n)`` (entries >= it are kept)."""
-    n = flat_abs.numel()
-    k = max(1, math.ceil(density * n))
-    flat_abs = flat_abs.cpu()
-    if flat_abs.dtype not in (torch.float32, torch.float64):
-        flat_abs = flat_abs.float()
-    return torch.kthvalue(flat_abs, n - k + 1).values
-
-
-def ties_merge(vectors: Tensor, weights: Tensor | Sequence[float] | None = None, density: float = 0.2) -> Tensor:
-    """TIES-merging (Yadav et al. 2023) of task vectors ``(S, D)`` into one ``(D,)``.
-
-    Trim each row to its top ``ceil(density * D)`` magnitudes (ties at the threshold are all kept),
-    elect per entry the sign of the (weighted) sum of the trimmed rows, and take the (weighted) mean
-    of the trimmed entries that agree with it; entries where none agrees are 0.
-    """
-    if vectors.dim() != 2:
-        raise TransferError(f"ties_merge expects (S, D) task vectors, got shape {tuple(vectors.shape)}")
-    w = as_weights(torch.ones(vectors.shape[0]) if weights is None else weights, vectors.shape[0])
-    merged = _ties_combine([{"v": row} for row in vectors], w, density)
-    return merged["v"]
-
-
-def _ties_combine(vectors: Sequence[StateDict], w: Tensor, density: float) -> dict[str, Tensor]:
-    if (w < 0).any():
-        raise TransferError(f"TIES needs non-negative weights, got {w.tolist()}")
-    keys = list(vectors[0])
-    thresholds = [_trim_threshold(torch.cat([v[k].detach().abs().flatten() for k in keys]), density)
-                  for v in vectors]
-    out: dict[str, Tensor] = {}
-    for k in keys:
-        stack = torch.stack([v[k] for v in vectors])  # (S, *shape)
-        wk = w.to(stack.dtype).to(stack.device).view(-1, *([1] * (stack.dim() - 1)))  # (S, 1, ...)
-        thr = torch.stack(thresholds).to(stack.device, stack.dtype).view_as(wk)
-        trimmed = torch.where(stack.abs() >= thr, stack, torch.zeros_like(stack))
-        elected = torch.sign((wk * trimmed).sum(0))  # (*shape)
-        agree = (torch.sign(trimmed) == elected) & (trimmed != 0)  # (S, *shape)
-        num = (wk * trimmed * agree).sum(0)
-        den = (wk * agree).sum(0)
-        out[k] = torch.where(den > 0, num / den.clamp_min(torch.finfo(stack.dtype).tiny), torch.zeros_like(num))
-    return out
-
-
-def combine_task_vectors(vectors: Sequence[StateDict], weights: Tensor | Sequence[float],
-                         combine: Combine = Combine()) -> dict[str, Tensor]:
-    """Combine per-source task vectors (dicts with the same keys and shapes) as ``combine`` says."""
-    keys = _check_same_keys(vectors, "task vector")
-    w = as_weights(weights, len(vectors))
-    if combine.method == "ties":
-        return _ties_combine(vectors, w, combine.density)
-    if combine.method == "dare":
-        gen = torch.Generator().manual_seed(combine.seed)
-        vectors = [{k: dare(v[k], combine.drop_rate, gen) for k in keys} for v in vectors]
-    return {k: sum(float(wi) * v[k] for wi, v in zip(w, vectors)) for k in keys}
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,9 +73,9 @@ def fuse_average(states: Sequence[StateDict], weights: Tensor | Sequence[float],
     task vectors are the parameters themselves (``base = 0``), so ``average`` gives ``sum_i w_i theta_i``.
     For TIES / DARE pass ``base`` to follow the papers' definition of a task vector.
     """
-    keys = _check_same_keys(states)
+    keys = check_same_keys(states)
     for s in states:
-        _check_no_head(s, head_patterns, "fuse_average")
+        check_no_head(s, head_patterns, "fuse_average")
     if base is None:
         return combine_task_vectors(states, weights, combine)
     missing = sorted(set(keys) - set(base))
@@ -338,27 +89,6 @@ def fuse_average(states: Sequence[StateDict], weights: Tensor | Sequence[float],
 # --------------------------------------------------------------------------------------------
 # LoRA
 # --------------------------------------------------------------------------------------------
-
-
-def _lora_factors(state: StateDict, pair: LoraPair) -> tuple[Tensor, Tensor]:
-    a, b = state[pair.a_key], state[pair.b_key]  # (r, in), (out, r)
-    if a.dim() != 2 or b.dim() != 2:
-        raise TransferError(f"LoRA module '{pair.module}' has {a.dim()}-D factors; exact fusion handles "
-                            "Linear / Embedding (2-D) factors only, use fuse_lora_factors")
-    if a.shape[0] != b.shape[1]:
-        raise TransferError(f"LoRA module '{pair.module}': lora_A {tuple(a.shape)} and lora_B "
-                            f"{tuple(b.shape)} disagree on the rank")
-    return a, b
-
-
-def lora_delta_weights(state: StateDict, scaling: PerModule) -> dict[str, Tensor]:
-    """``{module: scaling * B @ A}`` for every LoRA module of ``state``  # each (out, in)"""
-    pairs, _ = lora_pairs(state)
-    out = {}
-    for module, pair in pairs.items():
-        a, b = _lora_factors(state, pair)
-        out[module] = _per_module(scaling, pair.module, "scaling") * (b @ a)  # (out, r) @ (r, in)
-    return out
 
 
 def _per_source(value: PerModule | Sequence[PerModule], n: int, what: str) -> list[PerModule]:
@@ -427,7 +157,7 @@ def fuse_lora(states: Sequence[StateDict], weights: Tensor | Sequence[float], *,
     if not states:
         raise TransferError("no source modules to fuse")
     for s in states:
-        _check_no_head(s, head_patterns, "fuse_lora")
+        check_no_head(s, head_patterns, "fuse_lora")
     pairs, other = lora_pairs(states[0])
     for i, s in enumerate(states[1:], start=1):
         p_i, o_i = lora_pairs(s)
@@ -437,8 +167,8 @@ def fuse_lora(states: Sequence[StateDict], weights: Tensor | Sequence[float], *,
     delta = merged_lora_delta(states, weights, source_scaling=source_scaling, combine=combine)
     out: dict[str, Tensor] = {}
     for module, pair in pairs.items():
-        r = int(_per_module(rank, module, "rank"))
-        a, b = refactor_lora(delta[module], r, _per_module(target_scaling, module, "target_scaling"))
+        r = int(per_module(rank, module, "rank"))
+        a, b = refactor_lora(delta[module], r, per_module(target_scaling, module, "target_scaling"))
         out[pair.a_key], out[pair.b_key] = a, b
     if other:
         out.update(fuse_average([{k: s[k] for k in other} for s in states], weights, combine=combine,
@@ -507,32 +237,3 @@ def fuse_modules(states: Sequence[StateDict], weights: Tensor | Sequence[float],
         raise TransferError(f"fusion method '{method}': expected one of ['average', 'lora_factors', 'lora_svd']")
     head = None if label_sets is None else fuse_heads(heads, weights, label_sets)
     return delta, head
-
-
-# --------------------------------------------------------------------------------------------
-# flattening (for similarity estimators)
-# --------------------------------------------------------------------------------------------
-
-
-def flatten_delta(state: StateDict, *, lora: Literal["product", "factors"] = "product",
-                  scaling: PerModule = 1.0, head_patterns: Sequence[str] = HEAD_PATTERNS) -> Tensor:
-    """One float64 vector of a delta module's parameters, head keys dropped, keys in sorted order.
-
-    ``lora="product"`` puts each LoRA module in as ``scaling * B @ A`` (invariant to the factors'
-    gauge ``B M, M^-1 A`` and comparable across ranks); ``"factors"`` puts ``A`` and ``B`` in raw.
-    """
-    delta, _ = split_head(state, head_patterns)
-    parts: list[tuple[str, Tensor]] = []
-    if lora == "product":
-        pairs, other = lora_pairs(delta)
-        for module, pair in pairs.items():
-            a, b = _lora_factors(delta, pair)
-            parts.append((pair.a_key, _per_module(scaling, pair.module, "scaling") * (b.double() @ a.double())))
-        parts += [(k, delta[k]) for k in other]
-    elif lora == "factors":
-        parts = list(delta.items())
-    else:
-        raise TransferError(f"lora='{lora}': expected 'product' or 'factors'")
-    if not parts:
-        raise TransferError("nothing to flatten: the state dict holds only head keys (or nothing)")
-    return torch.cat([v.detach().double().flatten().cpu() for _, v in sorted(parts, key=lambda kv: kv[0])])

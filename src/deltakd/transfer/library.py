@@ -33,8 +33,8 @@ from ..recipe import Recipe, validate
 from ..runs import RunResults
 from ..sweep import run_sweep
 from ..utils import atomic_write_json, text_digest
-from .fuse import TransferError, lora_scaling
 from .recipe import TransferRecipe
+from .state_dicts import TransferError, lora_scaling
 
 MODULE_FILE = "module.safetensors"
 META_FILE = "meta.json"

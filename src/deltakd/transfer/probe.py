@@ -23,8 +23,8 @@ from transformers import DataCollatorWithPadding
 
 from ..evaluate.metrics import compute_metrics
 from .estimators import per_example_grad_norms
-from .fuse import is_head_key, split_head
 from .library import delta_state
+from .state_dicts import is_head_key, split_head
 
 Batch = dict[str, Tensor]
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from ..report.compare import fmt_num, markdown_table
-from ..report.plots import _new_figure, atomic_write_bytes, png_bytes
-from ..utils import atomic_write_text
+from ..report.format import fmt_num, markdown_table
+from ..report.plots import _new_figure, png_bytes
+from ..utils import atomic_write_bytes, atomic_write_text
 from .recipe import TransferRecipe
 from .results import TransferResult, csv_text, summarise
 

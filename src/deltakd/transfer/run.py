@@ -38,16 +38,17 @@ from ..errors import DeltakdError
 from ..families import FAMILIES
 from ..recipe import Recipe, validate
 from ..runner import lifecycle
-from ..runner.family import read_recipe_data
-from ..runs import RunDir, latest_run
+from ..runs import RunDir, latest_run, read_recipe_data
 from ..utils import atomic_write_json, text_digest
 from . import estimators as est
-from .fuse import Combine, TransferError, flatten_delta, fuse_modules, split_head
+from .fuse import fuse_modules
 from .library import SourceModule, _task_dict, build_module, delta_state, load_delta, source_recipe
+from .merging import Combine
 from .probe import ProbeData, fresh_copy, pad_dataset, probe_module
 from .recipe import TransferRecipe, load_transfer_recipe
 from .report import write_results
 from .results import Estimate, TargetRun, TransferResult, summarise, target_run
+from .state_dicts import TransferError, flatten_delta, split_head
 
 CLASSIFICATION = FAMILIES["classification"]  # source and target runs are classification runs
 
