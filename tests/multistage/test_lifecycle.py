@@ -15,7 +15,7 @@ from deltakd import api
 from deltakd.runs import RunResults
 
 from ..conftest import ROOT
-from .test_run import STAGES, teacher_dir, tiny, world  # noqa: F401 - the module fixtures
+from .test_run import STAGES, teacher_dir, tiny, world  # noqa: F401, F811 - the module fixtures
 
 MSE = STAGES / "mse.yaml"
 

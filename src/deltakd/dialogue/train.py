@@ -1,4 +1,4 @@
-"""``task.kind: dialogue``: DailyDialog response examples on a causal LM, for the engine's Trainer.
+"""``task.kind: dialogue``: DailyDialog response examples on a causal LM, for the run lifecycle (:mod:`deltakd.runner`).
 
 The causal LM is one of
 - a deltakd run or its ``model/`` folder (e.g. the LM pre-trained from scratch on DailyDialog by

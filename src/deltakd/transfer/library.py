@@ -1,4 +1,4 @@
-"""The module library: one delta module per source task, trained by the ordinary engine, kept on disk.
+"""The module library: one delta module per source task, trained as ordinary classification runs (a sweep), kept on disk.
 
 Each source module is the best cell of a learning-rate x batch-size grid (chosen on the source's
 validation main metric) run as a ``deltakd sweep`` (resumable: finished cells are skipped; validation
