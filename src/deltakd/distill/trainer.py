@@ -2,7 +2,7 @@
 
 No model surgery happens here: the student arrives built (``models/student.py``), the teacher
 frozen, the projections built (``heads.py``), the layer map validated (``layer_map.py``). Each
-loss term is a pure function from ``losses.py``; the weights come from the ``LossSchedule``
+loss term is a pure function from ``deltakd.losses``; the weights come from the ``LossSchedule``
 (curriculum) at the current epoch; every term is logged on its own as ``loss_<term>``.
 
 Teacher outputs come from the on-disk cache (``cache.py``: logits and pooled layers) when every
@@ -22,7 +22,10 @@ from torch import Tensor, nn
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import losses as L
+from ..losses import hidden as H
+from ..losses import lm as LM
+from ..losses import logits as LG
+from ..losses import lora as LR
 from .cache import INDEX, TeacherCache
 from .heads import DistillHeads
 from .layer_map import LayerMap
@@ -127,7 +130,7 @@ class DistillTrainer(TermLoggingTrainer):
         labels = inputs["labels"]
         feed = {k: v for k, v in inputs.items() if k != "labels"}
         with ExitStack() as stack:
-            s_cap = stack.enter_context(L.capture_lora_a_outputs(model, self.lora_modules)) \
+            s_cap = stack.enter_context(LR.capture_lora_a_outputs(model, self.lora_modules)) \
                 if "lora_ild" in weights else None
             student = model(**inputs, output_hidden_states=hidden, output_attentions=attentions)
         teacher, t_cap = None, None
@@ -135,7 +138,7 @@ class DistillTrainer(TermLoggingTrainer):
         live = need_teacher and (self.cache is None or idx is None or any(k in weights for k in LIVE_ONLY))
         if live:
             with torch.no_grad(), ExitStack() as stack:
-                t_cap = stack.enter_context(L.capture_lora_a_outputs(self.teacher, self.lora_modules)) \
+                t_cap = stack.enter_context(LR.capture_lora_a_outputs(self.teacher, self.lora_modules)) \
                     if "lora_ild" in weights else None
                 teacher = self.teacher(**feed, output_hidden_states=hidden, output_attentions=attentions)
             self.teacher_forwards += 1
@@ -160,55 +163,55 @@ class DistillTrainer(TermLoggingTrainer):
 
     def _terms(self, weights: dict[str, float], s: Any, t: Any, t_logits: Tensor | None, t_pooled: Tensor | None,
                labels: Tensor, mask: Tensor | None, num_items: Any, pairs: list[tuple[int, list[int]]],
-               s_cap: L.LoraACapture | None, t_cap: L.LoraACapture | None) -> dict[str, Tensor]:
+               s_cap: LR.LoraACapture | None, t_cap: LR.LoraACapture | None) -> dict[str, Tensor]:
         T = self.temperature
         out: dict[str, Tensor] = {}
         if self.kind == "lm":
-            tok_mask = L.next_token_mask(labels)  # (B, L): positions whose next token is a target
+            tok_mask = LM.next_token_mask(labels)  # (B, L): positions whose next token is a target
             norm = num_items if num_items is not None else None
             if "ce" in weights:
-                out["ce"] = L.lm_ce(s.logits, labels, normalizer=norm)
+                out["ce"] = LM.lm_ce(s.logits, labels, normalizer=norm)
             if "kd" in weights:
-                out["kd"] = L.token_kl(s.logits, t_logits, T, tok_mask, normalizer=norm)
+                out["kd"] = LM.token_kl(s.logits, t_logits, T, tok_mask, normalizer=norm)
             if "reverse_kl" in weights:
-                out["reverse_kl"] = L.token_kl(s.logits, t_logits, T, tok_mask, reverse=True, normalizer=norm)
+                out["reverse_kl"] = LM.token_kl(s.logits, t_logits, T, tok_mask, reverse=True, normalizer=norm)
             if "jsd" in weights:
-                out["jsd"] = L.generalized_jsd(s.logits, t_logits, self.jsd_beta, T, tok_mask, normalizer=norm)
+                out["jsd"] = LM.generalized_jsd(s.logits, t_logits, self.jsd_beta, T, tok_mask, normalizer=norm)
         else:
             if "ce" in weights:
-                out["ce"] = L.ce_loss(s.logits, labels)
+                out["ce"] = LG.ce_loss(s.logits, labels)
             if "kd" in weights:
-                out["kd"] = L.kd_kl(s.logits, t_logits, T)
+                out["kd"] = LG.kd_kl(s.logits, t_logits, T)
             if "logits_mse" in weights:
-                out["logits_mse"] = L.logits_mse(s.logits, t_logits)
+                out["logits_mse"] = LG.logits_mse(s.logits, t_logits)
         # layer i is hidden_states[i + 1]; index 0 holds the embeddings. Groups (average maps) are averaged.
         if "hidden_mse" in weights or "hidden_cos" in weights:
             tok = [(i, s.hidden_states[i + 1], torch.stack([t.hidden_states[j + 1] for j in js]).mean(0))
                    for i, js in pairs]
             proj = self.heads.hidden_proj if self.heads is not None else (lambda _i: None)
             if "hidden_mse" in weights:
-                out["hidden_mse"] = torch.stack([L.hidden_mse(a, b, proj(i), mask) for i, a, b in tok]).mean()
+                out["hidden_mse"] = torch.stack([H.hidden_mse(a, b, proj(i), mask) for i, a, b in tok]).mean()
             if "hidden_cos" in weights:
-                out["hidden_cos"] = torch.stack([L.hidden_cosine(a, b, proj(i), mask) for i, a, b in tok]).mean()
+                out["hidden_cos"] = torch.stack([H.hidden_cosine(a, b, proj(i), mask) for i, a, b in tok]).mean()
         if "attention_kl" in weights:
             out["attention_kl"] = torch.stack([
-                L.attention_kl(s.attentions[i], torch.stack([t.attentions[j] for j in js]).mean(0), mask)
+                H.attention_kl(s.attentions[i], torch.stack([t.attentions[j] for j in js]).mean(0), mask)
                 for i, js in pairs]).mean()
         if "rail_c" in weights or "rail_l" in weights:
-            s_pool = [L.mean_pool(s.hidden_states[i + 1], mask) for i, _ in pairs]  # k x (B, Hs)
+            s_pool = [H.mean_pool(s.hidden_states[i + 1], mask) for i, _ in pairs]  # k x (B, Hs)
             if t_pooled is None:  # live teacher
-                t_pool = [torch.stack([L.mean_pool(t.hidden_states[j + 1], mask) for j in js]).mean(0)
+                t_pool = [torch.stack([H.mean_pool(t.hidden_states[j + 1], mask) for j in js]).mean(0)
                           for _, js in pairs]
             else:
                 t_pool = [t_pooled[:, [j + 1 for j in js]].mean(1) for _, js in pairs]  # k x (B, Ht)
             if "rail_c" in weights:
-                out["rail_c"] = L.rail_kd_concat(s_pool, t_pool, self.heads.rail_c, nn.Identity())
+                out["rail_c"] = H.rail_kd_concat(s_pool, t_pool, self.heads.rail_c, nn.Identity())
             if "rail_l" in weights:
-                out["rail_l"] = L.rail_kd_layerwise(s_pool, t_pool, list(self.heads.rail_l), [None] * len(pairs))
+                out["rail_l"] = H.rail_kd_layerwise(s_pool, t_pool, list(self.heads.rail_l), [None] * len(pairs))
         if "lora_ild" in weights:
             s_by, t_by = s_cap.by_layer(), t_cap.by_layer()
             feats_s = [f for i, _ in pairs for f in s_by.get(i, [])]
             feats_t = [f for _, js in pairs for f in t_by.get(js[0], [])]
-            out["lora_ild"] = L.lora_feature_mse(feats_s, feats_t, mask)
+            out["lora_ild"] = LR.lora_feature_mse(feats_s, feats_t, mask)
         return out
 
