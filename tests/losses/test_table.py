@@ -4,6 +4,7 @@ derived from it are the losses as they were hand-listed before the table."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -119,3 +120,24 @@ def test_an_inconsistent_entry_is_rejected(fields, message):
                 compute=LOSSES["kd"].compute, doc="an extra loss")
     with pytest.raises(ValueError, match=message):
         LossSpec(**{**base, **fields})
+
+
+def test_the_package_imports_nothing_from_deltakd_but_errors():
+    """deltakd.losses sits below the recipe (which reads the table) and the distill package."""
+    import ast
+
+    import deltakd.losses
+
+    for path in Path(deltakd.losses.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > 1:
+                assert node.module == "errors" and node.level == 2, f"{path.name}: from {'.' * node.level}{node.module}"
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                assert not node.module.startswith("deltakd") or node.module == "deltakd.errors", path.name
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("deltakd") for a in node.names), path.name
+
+
+def test_a_name_twice_is_rejected():
+    with pytest.raises(ValueError, match="names a loss twice"):
+        table._table(LOSSES["kd"], LOSSES["ce"], LOSSES["kd"])

@@ -81,39 +81,47 @@ def _term(name: str) -> Callable[[LossInputs], Tensor]:
     return compute
 
 
+def _table(*entries: LossSpec) -> dict[str, LossSpec]:
+    by_name = {spec.name: spec for spec in entries}
+    if len(by_name) != len(entries):
+        raise ValueError("the loss table names a loss twice")
+    return by_name
+
+
 BOTH = frozenset({CLASSIFICATION, LM})
-_CLS = frozenset({CLASSIFICATION})
-_LM = frozenset({LM})
+CLS_ONLY = frozenset({CLASSIFICATION})
+LM_ONLY = frozenset({LM})
 _LOGITS = frozenset({TEACHER_LOGITS})
 _TOKENS = frozenset({HIDDEN, LAYER_MAP, HIDDEN_PROJ})
 _POOLED = frozenset({HIDDEN, LAYER_MAP})
 
-LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
-    #        name          kinds  needs                                cacheable
-    LossSpec("ce",           BOTH, frozenset(),                         True,  _term("ce"),
+LOSSES: dict[str, LossSpec] = _table(
+    #        name            kinds     needs                               cache  compute
+    #        doc
+    LossSpec("ce",           BOTH,     frozenset(),                        True,  _term("ce"),
              "hard labels: cross-entropy (MSE on a 1-output regression head, next-token CE on a causal LM)"),
-    LossSpec("kd",           BOTH, _LOGITS,                             True,  _term("kd"),
+    LossSpec("kd",           BOTH,     _LOGITS,                            True,  _term("kd"),
              "soft targets: T^2 KL(teacher || student) at the temperature (per token on a causal LM)",
              distribution=True),
-    LossSpec("reverse_kl",   _LM,  _LOGITS,                             True,  _term("reverse_kl"),
+    LossSpec("reverse_kl",   LM_ONLY,  _LOGITS,                            True,  _term("reverse_kl"),
              "T^2 KL(student || teacher) per token (MiniLLM)", distribution=True),
-    LossSpec("jsd",          _LM,  _LOGITS,                             True,  _term("jsd"),
+    LossSpec("jsd",          LM_ONLY,  _LOGITS,                            True,  _term("jsd"),
              "generalized Jensen-Shannon divergence per token at jsd_beta (GKD)", distribution=True),
-    LossSpec("logits_mse",   _CLS, _LOGITS,                             True,  _term("logits_mse"),
+    LossSpec("logits_mse",   CLS_ONLY, _LOGITS,                            True,  _term("logits_mse"),
              "MSE between raw logits (regression heads too)"),
-    LossSpec("hidden_mse",   BOTH, _TOKENS,                             False, _term("hidden_mse"),
+    LossSpec("hidden_mse",   BOTH,     _TOKENS,                            False, _term("hidden_mse"),
              "MSE between mapped hidden states per token"),
-    LossSpec("hidden_cos",   BOTH, _TOKENS,                             False, _term("hidden_cos"),
+    LossSpec("hidden_cos",   BOTH,     _TOKENS,                            False, _term("hidden_cos"),
              "1 - cosine between mapped hidden states per token"),
-    LossSpec("attention_kl", BOTH, frozenset({ATTENTIONS, LAYER_MAP}), False, _term("attention_kl"),
+    LossSpec("attention_kl", BOTH,     frozenset({ATTENTIONS, LAYER_MAP}), False, _term("attention_kl"),
              "KL(teacher || student) between mapped attention maps (same head count)"),
-    LossSpec("rail_c",       _CLS, _POOLED,                             True,  _term("rail_c"),
+    LossSpec("rail_c",       CLS_ONLY, _POOLED,                            True,  _term("rail_c"),
              "RAIL-KD: concatenated L2-normalised mean-pooled layers, projected"),
-    LossSpec("rail_l",       _CLS, _POOLED,                             True,  _term("rail_l"),
+    LossSpec("rail_l",       CLS_ONLY, _POOLED,                            True,  _term("rail_l"),
              "RAIL-KD: layer-wise L2-normalised mean-pooled layers, projected"),
-    LossSpec("lora_ild",     BOTH, frozenset({LORA_A, LAYER_MAP}),      False, _term("lora_ild"),
+    LossSpec("lora_ild",     BOTH,     frozenset({LORA_A, LAYER_MAP}),     False, _term("lora_ild"),
              "MSE between lora_A outputs of mapped layers (LoRA student and unmerged LoRA teacher, same rank)"),
-)}
+)
 
 LOSS_NAMES: tuple[str, ...] = tuple(LOSSES)  # what a recipe may name, in table order
 
