@@ -3,6 +3,8 @@ messages, and a loss registered in the table alone (no other edit) trains throug
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,9 +27,11 @@ from deltakd.losses import table
      "distill.losses.kd: a regression head has one output, no distribution; use logits_mse"),
 ])
 def test_kind_checks_come_from_the_table(kind, num_labels, names, message):
+    """The messages as they were hand-written (suggestions derived now; a later loss may add one)."""
     with pytest.raises(DeltakdError) as err:
         check_kind(names, kind, num_labels)
-    assert str(err.value) == message
+    more = r"(, \w+)*\)$" if message.endswith(")") else r"( or \w+)*$"
+    assert re.match(re.escape(message.rstrip(")")) + more, str(err.value)), str(err.value)
 
 
 @pytest.mark.parametrize("kind, num_labels, names", [

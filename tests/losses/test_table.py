@@ -101,8 +101,9 @@ def test_derived_sets_are_the_hand_written_ones_they_replace():
     assert set(table.unsupported(every, table.LM)) == {"rail_c", "rail_l", "logits_mse"}
     assert set(table.unsupported(every, table.CLASSIFICATION)) == {"reverse_kl", "jsd"}
     assert [s.name for s in LOSSES.values() if s.distribution] == ["kd", "reverse_kl", "jsd"]
-    assert table.alternatives(("jsd",), table.CLASSIFICATION) == ("kd", "logits_mse")
-    assert table.alternatives(("rail_c",), table.LM) == ("hidden_mse", "hidden_cos")
+    before = BEFORE_THE_TABLE
+    assert [n for n in table.alternatives(("jsd",), table.CLASSIFICATION) if n in before] == ["kd", "logits_mse"]
+    assert [n for n in table.alternatives(("rail_c",), table.LM) if n in before] == ["hidden_mse", "hidden_cos"]
     # results come in table order, whatever order the names are given in
     assert table.needing(table.HIDDEN, ["rail_l", "hidden_cos"]) == ("hidden_cos", "rail_l")
     with pytest.raises(ValueError, match="unknown losses \\['kl'\\]"):
