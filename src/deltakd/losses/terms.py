@@ -16,10 +16,6 @@ from torch import Tensor, nn
 
 from . import hidden, lm, logits, lora
 
-__all__ = ["LossInputs", "ce", "kd", "reverse_kl", "jsd", "logits_mse", "hidden_mse", "hidden_cos", "attention_kl",
-           "rail_c", "rail_l", "lora_ild"]
-
-
 @dataclass
 class LossInputs:
     """Everything a compute function may read, for one training step.
