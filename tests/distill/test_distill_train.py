@@ -160,7 +160,7 @@ def test_cached_outputs_match_the_live_teacher(teacher_run, toy, tmp_path):
     from deltakd.data import load_task
     from deltakd.data.tokenize import tokenize_examples
     from deltakd.distill.cache import load_or_build
-    from deltakd.distill.losses import mean_pool
+    from deltakd.losses.hidden import mean_pool
     from deltakd.models.delta import find_model_dir, load_trained
     from deltakd.runs import load_run_recipe
 

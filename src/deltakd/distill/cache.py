@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..losses.hidden import mean_pool
 from ..utils import cache_root, cached_dir, text_digest
-from .losses import mean_pool
 
 FORMAT = "teacher-cache-v1"
 INDEX = "idx"  # the column that carries each training example's row number to the trainer

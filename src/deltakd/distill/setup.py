@@ -13,13 +13,13 @@ from typing import Any
 from torch import nn
 
 from ..errors import DeltakdError
+from ..losses import table
 from ..models.student import every_other, layer_count
 from ..recipe.schema import DistillConfig
 from .cache import INDEX, TeacherCache, load_or_build
 from .heads import DistillHeads
 from .layer_map import LayerMap
 from .schedule import LossSchedule
-from .trainer import LAYER_LOSSES, LIVE_ONLY
 
 
 @dataclass
@@ -73,6 +73,23 @@ def _set_eager_attention(model: nn.Module) -> None:
                 cfg._attn_implementation = "eager"
 
 
+def check_kind(names: set[str], kind: str, num_labels: int) -> None:
+    """Every loss applies to the task kind (the table's ``kinds``); none compares distributions on a
+    one-output regression head. The suggestions are the table's losses that read the same outputs."""
+    if bad := table.unsupported(names, kind):
+        alts = table.alternatives(bad, kind)
+        if kind == table.LM:
+            raise DeltakdError(f"distill.losses: {', '.join(sorted(bad))} apply to classification tasks, "
+                               f"not causal LMs (use {', '.join(alts)})")
+        raise DeltakdError(f"distill.losses: {', '.join(sorted(bad))} are causal-LM losses; "
+                           f"for classification use {' or '.join(alts)}")
+    if kind == table.CLASSIFICATION and num_labels == 1:
+        if bad := tuple(spec.name for spec in table.specs(names) if spec.distribution):
+            alts = [n for n in table.alternatives(bad, kind) if not table.LOSSES[n].distribution]
+            raise DeltakdError(f"distill.losses.{'/'.join(bad)}: a regression head has one output, no distribution; "
+                               f"use {' or '.join(alts)}")
+
+
 def prepare_distill(d: DistillConfig, student: nn.Module, teacher: nn.Module, kind: str, num_labels: int,
                     copied: list[int] | None, seed: int, datasets: dict[str, Any] | None = None,
                     collator: Any = None, batch_size: int = 64, device: Any = "cpu") -> DistillSetup:
@@ -83,53 +100,42 @@ def prepare_distill(d: DistillConfig, student: nn.Module, teacher: nn.Module, ki
     """
     schedule = make_schedule(d)
     names = set(schedule.loss_names)
-    if kind == "lm":
-        bad = names & {"rail_c", "rail_l", "logits_mse"}
-        if bad:
-            raise DeltakdError(f"distill.losses: {', '.join(sorted(bad))} apply to classification tasks, "
-                               f"not causal LMs (use kd, reverse_kl, jsd, hidden_cos)")
-    else:
-        bad = names & {"reverse_kl", "jsd"}
-        if bad:
-            raise DeltakdError(f"distill.losses: {', '.join(sorted(bad))} are causal-LM losses; "
-                               f"for classification use kd or logits_mse")
-        if num_labels == 1 and "kd" in names:
-            raise DeltakdError("distill.losses.kd: a regression head has one output, no distribution; use logits_mse")
-    if "lora_ild" not in names and hasattr(teacher, "merge_and_unload"):
+    check_kind(names, kind, num_labels)
+    if not table.needing(table.LORA_A, names) and hasattr(teacher, "merge_and_unload"):
         from ..models.delta import plain_copy
 
         teacher = plain_copy(teacher).eval()  # same logits (1e-5), no adapter overhead per forward
     n_s, n_t = layer_count(student), layer_count(teacher)
     layer_map = None
-    if names & set(LAYER_LOSSES):
+    if table.needing(table.LAYER_MAP, names):
         layer_map = build_layer_map(d, n_s, n_t, copied, seed)
     h_s, h_t = student.config.hidden_size, teacher.config.hidden_size
-    if "attention_kl" in names:
+    if attention := table.needing(table.ATTENTIONS, names):
         a_s, a_t = student.config.num_attention_heads, teacher.config.num_attention_heads
         if a_s != a_t:
-            raise DeltakdError(f"distill.losses.attention_kl: student has {a_s} attention heads, teacher {a_t}")
+            raise DeltakdError(f"distill.losses.{'/'.join(attention)}: student has {a_s} attention heads, "
+                               f"teacher {a_t}")
         _set_eager_attention(student)
         _set_eager_attention(teacher)
-    if "lora_ild" in names:
-        mods = list(d.lora_ild_modules)
+    if lora := table.needing(table.LORA_A, names):
+        mods, where = list(d.lora_ild_modules), f"distill.losses.{'/'.join(lora)}"
         r_t, r_s = _lora_ranks(teacher, mods), _lora_ranks(student, mods)
         if not r_t:
-            raise DeltakdError(f"distill.losses.lora_ild: the teacher has no LoRA on {mods} "
+            raise DeltakdError(f"{where}: the teacher has no LoRA on {mods} "
                                "(use a LoRA teacher run with teacher.merged: false)")
         if not r_s:
-            raise DeltakdError(f"distill.losses.lora_ild: the student has no LoRA on {mods} (peft.method: lora)")
+            raise DeltakdError(f"{where}: the student has no LoRA on {mods} (peft.method: lora)")
         if r_s != r_t:
-            raise DeltakdError(f"distill.losses.lora_ild: LoRA ranks differ (student {sorted(r_s)}, "
+            raise DeltakdError(f"{where}: LoRA ranks differ (student {sorted(r_s)}, "
                                f"teacher {sorted(r_t)}); set peft.r to the teacher's")
     n_pairs, student_layers = 0, []
     if layer_map is not None:
         n_pairs = len(layer_map.select(0, 0))
         student_layers = list(layer_map.student_layers) if layer_map.is_random else [s for s, _ in layer_map.pairs]
     heads = DistillHeads(h_s, h_t, n_pairs, rail_c="rail_c" in names, rail_l="rail_l" in names,
-                         hidden_layers=student_layers if names & {"hidden_mse", "hidden_cos"} else ())
+                         hidden_layers=student_layers if table.needing(table.HIDDEN_PROJ, names) else ())
     cache = None
-    cacheable = names - {"ce"} - set(LIVE_ONLY)
-    if d.cache_teacher and kind == "classification" and cacheable and datasets is not None:
+    if d.cache_teacher and kind == table.CLASSIFICATION and table.cache_served(names) and datasets is not None:
         from accelerate import PartialState
 
         with PartialState().main_process_first():  # one process builds, the others load

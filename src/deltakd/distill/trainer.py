@@ -2,11 +2,13 @@
 
 No model surgery happens here: the student arrives built (``models/student.py``), the teacher
 frozen, the projections built (``heads.py``), the layer map validated (``layer_map.py``). Each
-loss term is a pure function from ``losses.py``; the weights come from the ``LossSchedule``
-(curriculum) at the current epoch; every term is logged on its own as ``loss_<term>``.
+loss term is the ``compute`` of its entry in the loss table (``deltakd.losses.table``), run for
+every loss with a weight > 0 at the current epoch of the ``LossSchedule`` (curriculum); what the
+active entries need decides which model outputs are requested; every term is logged on its own
+as ``loss_<term>``.
 
 Teacher outputs come from the on-disk cache (``cache.py``: logits and pooled layers) when every
-active loss can use it, else from a live forward of the frozen teacher.
+active loss is ``cacheable``, else from a live forward of the frozen teacher.
 """
 
 from __future__ import annotations
@@ -22,15 +24,14 @@ from torch import Tensor, nn
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import losses as L
+from ..losses import table
+from ..losses.lora import capture_lora_a_outputs
+from ..losses.terms import LossInputs
 from .cache import INDEX, TeacherCache
 from .heads import DistillHeads
 from .layer_map import LayerMap
 from .schedule import LossSchedule
 
-HIDDEN_LOSSES = ("hidden_mse", "hidden_cos", "rail_c", "rail_l")  # need hidden states
-LIVE_ONLY = ("hidden_mse", "hidden_cos", "attention_kl", "lora_ild")  # token-level teacher states
-LAYER_LOSSES = ("hidden_mse", "hidden_cos", "attention_kl", "rail_c", "rail_l", "lora_ild")
 HEADS_FILE = "distill_heads.safetensors"
 
 
@@ -122,21 +123,20 @@ class DistillTrainer(TermLoggingTrainer):
         epoch = float(self.state.epoch or 0.0)
         weights = {k: w for k, w in self.schedule.weights(epoch).items() if w > 0}
         pairs = self._pairs(weights, epoch)
-        hidden = any(k in weights for k in HIDDEN_LOSSES)
-        attentions = "attention_kl" in weights
+        hidden = bool(table.needing(table.HIDDEN, weights))
+        attentions = bool(table.needing(table.ATTENTIONS, weights))
+        lora = bool(table.needing(table.LORA_A, weights))
         labels = inputs["labels"]
         feed = {k: v for k, v in inputs.items() if k != "labels"}
         with ExitStack() as stack:
-            s_cap = stack.enter_context(L.capture_lora_a_outputs(model, self.lora_modules)) \
-                if "lora_ild" in weights else None
+            s_cap = stack.enter_context(capture_lora_a_outputs(model, self.lora_modules)) if lora else None
             student = model(**inputs, output_hidden_states=hidden, output_attentions=attentions)
         teacher, t_cap = None, None
-        need_teacher = bool(set(weights) - {"ce"})  # a student-only loss needs no teacher outputs
-        live = need_teacher and (self.cache is None or idx is None or any(k in weights for k in LIVE_ONLY))
+        need_teacher = table.needs_teacher(weights)  # a student-only loss needs no teacher outputs
+        live = need_teacher and (self.cache is None or idx is None or bool(table.live_only(weights)))
         if live:
             with torch.no_grad(), ExitStack() as stack:
-                t_cap = stack.enter_context(L.capture_lora_a_outputs(self.teacher, self.lora_modules)) \
-                    if "lora_ild" in weights else None
+                t_cap = stack.enter_context(capture_lora_a_outputs(self.teacher, self.lora_modules)) if lora else None
                 teacher = self.teacher(**feed, output_hidden_states=hidden, output_attentions=attentions)
             self.teacher_forwards += 1
             t_logits = teacher.logits
@@ -145,70 +145,22 @@ class DistillTrainer(TermLoggingTrainer):
             t_logits, t_pooled = self.cache.lookup(idx, labels.device)  # (B, C), (B, n+1, H)
         else:
             t_logits, t_pooled = None, None
-        terms = self._terms(weights, student, teacher, t_logits, t_pooled, labels, inputs.get("attention_mask"),
-                            num_items_in_batch, pairs, s_cap, t_cap)
+        terms = self._terms(weights, LossInputs(
+            kind=self.kind, student=student, labels=labels, teacher=teacher, teacher_logits=t_logits,
+            teacher_pooled=t_pooled, mask=inputs.get("attention_mask"), normalizer=num_items_in_batch,
+            temperature=self.temperature, jsd_beta=self.jsd_beta, pairs=pairs, heads=self.heads,
+            student_lora=s_cap, teacher_lora=t_cap))
         loss = sum(weights[k] * v for k, v in terms.items())
         self.record_terms(terms)
         return (loss, student) if return_outputs else loss
 
     def _pairs(self, weights: dict[str, float], epoch: float) -> list[tuple[int, list[int]]]:
-        if not any(k in weights for k in LAYER_LOSSES):
+        if not table.needing(table.LAYER_MAP, weights):
             return []
         if self.layer_map is None:
             raise ValueError("intermediate-layer losses need a layer map")
         return self.layer_map.select(step=self.state.global_step, epoch=int(epoch))
 
-    def _terms(self, weights: dict[str, float], s: Any, t: Any, t_logits: Tensor | None, t_pooled: Tensor | None,
-               labels: Tensor, mask: Tensor | None, num_items: Any, pairs: list[tuple[int, list[int]]],
-               s_cap: L.LoraACapture | None, t_cap: L.LoraACapture | None) -> dict[str, Tensor]:
-        T = self.temperature
-        out: dict[str, Tensor] = {}
-        if self.kind == "lm":
-            tok_mask = L.next_token_mask(labels)  # (B, L): positions whose next token is a target
-            norm = num_items if num_items is not None else None
-            if "ce" in weights:
-                out["ce"] = L.lm_ce(s.logits, labels, normalizer=norm)
-            if "kd" in weights:
-                out["kd"] = L.token_kl(s.logits, t_logits, T, tok_mask, normalizer=norm)
-            if "reverse_kl" in weights:
-                out["reverse_kl"] = L.token_kl(s.logits, t_logits, T, tok_mask, reverse=True, normalizer=norm)
-            if "jsd" in weights:
-                out["jsd"] = L.generalized_jsd(s.logits, t_logits, self.jsd_beta, T, tok_mask, normalizer=norm)
-        else:
-            if "ce" in weights:
-                out["ce"] = L.ce_loss(s.logits, labels)
-            if "kd" in weights:
-                out["kd"] = L.kd_kl(s.logits, t_logits, T)
-            if "logits_mse" in weights:
-                out["logits_mse"] = L.logits_mse(s.logits, t_logits)
-        # layer i is hidden_states[i + 1]; index 0 holds the embeddings. Groups (average maps) are averaged.
-        if "hidden_mse" in weights or "hidden_cos" in weights:
-            tok = [(i, s.hidden_states[i + 1], torch.stack([t.hidden_states[j + 1] for j in js]).mean(0))
-                   for i, js in pairs]
-            proj = self.heads.hidden_proj if self.heads is not None else (lambda _i: None)
-            if "hidden_mse" in weights:
-                out["hidden_mse"] = torch.stack([L.hidden_mse(a, b, proj(i), mask) for i, a, b in tok]).mean()
-            if "hidden_cos" in weights:
-                out["hidden_cos"] = torch.stack([L.hidden_cosine(a, b, proj(i), mask) for i, a, b in tok]).mean()
-        if "attention_kl" in weights:
-            out["attention_kl"] = torch.stack([
-                L.attention_kl(s.attentions[i], torch.stack([t.attentions[j] for j in js]).mean(0), mask)
-                for i, js in pairs]).mean()
-        if "rail_c" in weights or "rail_l" in weights:
-            s_pool = [L.mean_pool(s.hidden_states[i + 1], mask) for i, _ in pairs]  # k x (B, Hs)
-            if t_pooled is None:  # live teacher
-                t_pool = [torch.stack([L.mean_pool(t.hidden_states[j + 1], mask) for j in js]).mean(0)
-                          for _, js in pairs]
-            else:
-                t_pool = [t_pooled[:, [j + 1 for j in js]].mean(1) for _, js in pairs]  # k x (B, Ht)
-            if "rail_c" in weights:
-                out["rail_c"] = L.rail_kd_concat(s_pool, t_pool, self.heads.rail_c, nn.Identity())
-            if "rail_l" in weights:
-                out["rail_l"] = L.rail_kd_layerwise(s_pool, t_pool, list(self.heads.rail_l), [None] * len(pairs))
-        if "lora_ild" in weights:
-            s_by, t_by = s_cap.by_layer(), t_cap.by_layer()
-            feats_s = [f for i, _ in pairs for f in s_by.get(i, [])]
-            feats_t = [f for _, js in pairs for f in t_by.get(js[0], [])]
-            out["lora_ild"] = L.lora_feature_mse(feats_s, feats_t, mask)
-        return out
-
+    def _terms(self, weights: dict[str, float], inputs: LossInputs) -> dict[str, Tensor]:
+        """Every active loss of the table, in table order (the order the weighted sum adds them)."""
+        return {spec.name: spec.compute(inputs) for spec in table.specs(weights)}

@@ -91,7 +91,7 @@ def hf_encoder(
 ) -> Encoder:
     """Encoder from a HF model: mean pooling of ``last_hidden_state`` over real tokens (as
     sentence-transformers' Pooling 'mean'), optional L2 normalisation; eval mode, no grad."""
-    from ..distill.losses import mean_pool
+    from ..losses.hidden import mean_pool
 
     def encode(sentences: Sequence[str]) -> Tensor:
         was_training = model.training

@@ -17,8 +17,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..distill.losses import mean_pool
 from ..distill.trainer import TermLoggingTrainer
+from ..losses.hidden import mean_pool
 from . import losses as L
 from .data import ParallelCollator, ParallelPair
 from .recipe import LossConfig

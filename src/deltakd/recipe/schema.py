@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from ..losses.table import LOSS_NAMES, LOSSES
+
 
 class Strict(BaseModel):
     """Unknown keys are errors; assignment is validated too."""
@@ -162,8 +164,7 @@ class StudentConfig(Strict):
     scratch: bool = Field(default=False, description="fresh random init with the from_teacher shape")
 
 
-LossName = Literal["ce", "kd", "reverse_kl", "jsd", "logits_mse", "hidden_mse", "hidden_cos", "attention_kl",
-                   "rail_c", "rail_l", "lora_ild"]
+LossName = Literal[LOSS_NAMES]  # the names of the loss table (deltakd.losses.table), in its order
 
 
 class LayerMapSpec(Strict):
@@ -197,7 +198,9 @@ class CurriculumConfig(Strict):
 class DistillConfig(Strict):
     """Which losses, weighted how; the teacher is frozen and in eval mode."""
 
-    losses: dict[LossName, Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: {"ce": 0.5, "kd": 0.5})
+    losses: dict[LossName, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: {"ce": 0.5, "kd": 0.5},
+        description="weight (>= 0) per loss; " + "; ".join(f"{name}: {spec.doc}" for name, spec in LOSSES.items()))
     temperature: float = Field(default=2.0, gt=0)
     jsd_beta: float = Field(default=0.5, ge=0, le=1)
     layer_map: LayerMapSpec | None = None

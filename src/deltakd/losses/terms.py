@@ -1,0 +1,131 @@
+"""One compute function per entry of the loss table: ``LossInputs`` -> scalar tensor.
+
+Each function reads what its entry declares (``table.LossSpec.needs``) from ``LossInputs`` and
+calls the pure loss functions; the per-layer views that several terms share (mapped hidden
+states, pooled layers, the next-token mask) are computed once per step, on first use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import hidden, lm, logits, lora
+
+@dataclass
+class LossInputs:
+    """Everything a compute function may read, for one training step.
+
+    Layer ``i`` of a model is ``hidden_states[i + 1]`` (index 0 holds the embeddings);
+    ``pairs`` maps student layer ``i`` to teacher layers ``js`` (a group is averaged).
+    """
+
+    kind: str  # "classification" or "lm"
+    student: Any  # model output: .logits (B, C) / (B, L, V); .hidden_states, .attentions when requested
+    labels: Tensor  # (B,) class ids or floats (regression); (B, L) token ids, -100 where no loss (lm)
+    teacher: Any = None  # live teacher output, or None when the cache served the step
+    teacher_logits: Tensor | None = None  # (B, C) / (B, L, V), live or cached
+    teacher_pooled: Tensor | None = None  # (B, n_layers + 1, Ht) cached mean-pooled layers
+    mask: Tensor | None = None  # (B, L) attention mask
+    normalizer: Any = None  # lm token losses: num_items_in_batch; None: per valid token in this call
+    temperature: float = 1.0
+    jsd_beta: float = 0.5
+    pairs: list[tuple[int, list[int]]] = field(default_factory=list)
+    heads: Any = None  # DistillHeads: .hidden_proj(i), .rail_c, .rail_l
+    student_lora: lora.LoraACapture | None = None
+    teacher_lora: lora.LoraACapture | None = None
+
+    @cached_property
+    def token_mask(self) -> Tensor:
+        """(B, L): positions whose next token is a target (lm)."""
+        return lm.next_token_mask(self.labels)
+
+    @cached_property
+    def mapped_hidden(self) -> list[tuple[int, Tensor, Tensor]]:
+        """Per pair: student layer i, its hidden states (B, L, Hs), the teacher group's mean (B, L, Ht)."""
+        s, t = self.student, self.teacher
+        return [(i, s.hidden_states[i + 1], torch.stack([t.hidden_states[j + 1] for j in js]).mean(0))
+                for i, js in self.pairs]
+
+    @cached_property
+    def mapped_pooled(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Mean-pooled student layers k x (B, Hs) and teacher groups k x (B, Ht), from the cache if it served."""
+        s_pool = [hidden.mean_pool(self.student.hidden_states[i + 1], self.mask) for i, _ in self.pairs]
+        if self.teacher_pooled is None:  # live teacher
+            t_pool = [torch.stack([hidden.mean_pool(self.teacher.hidden_states[j + 1], self.mask) for j in js]).mean(0)
+                      for _, js in self.pairs]
+        else:
+            t_pool = [self.teacher_pooled[:, [j + 1 for j in js]].mean(1) for _, js in self.pairs]
+        return s_pool, t_pool
+
+    def hidden_proj(self, student_layer: int) -> nn.Module | None:
+        return self.heads.hidden_proj(student_layer) if self.heads is not None else None
+
+
+# --- logits ----------------------------------------------------------------------------------
+
+
+def ce(x: LossInputs) -> Tensor:
+    if x.kind == "lm":
+        return lm.lm_ce(x.student.logits, x.labels, normalizer=x.normalizer)
+    return logits.ce_loss(x.student.logits, x.labels)
+
+
+def kd(x: LossInputs) -> Tensor:
+    if x.kind == "lm":
+        return lm.token_kl(x.student.logits, x.teacher_logits, x.temperature, x.token_mask, normalizer=x.normalizer)
+    return logits.kd_kl(x.student.logits, x.teacher_logits, x.temperature)
+
+
+def reverse_kl(x: LossInputs) -> Tensor:
+    return lm.token_kl(x.student.logits, x.teacher_logits, x.temperature, x.token_mask, reverse=True,
+                       normalizer=x.normalizer)
+
+
+def jsd(x: LossInputs) -> Tensor:
+    return lm.generalized_jsd(x.student.logits, x.teacher_logits, x.jsd_beta, x.temperature, x.token_mask,
+                              normalizer=x.normalizer)
+
+
+def logits_mse(x: LossInputs) -> Tensor:
+    return logits.logits_mse(x.student.logits, x.teacher_logits)
+
+
+# --- layers: mean over the mapped pairs --------------------------------------------------------
+
+
+def hidden_mse(x: LossInputs) -> Tensor:
+    return torch.stack([hidden.hidden_mse(a, b, x.hidden_proj(i), x.mask) for i, a, b in x.mapped_hidden]).mean()
+
+
+def hidden_cos(x: LossInputs) -> Tensor:
+    return torch.stack([hidden.hidden_cosine(a, b, x.hidden_proj(i), x.mask) for i, a, b in x.mapped_hidden]).mean()
+
+
+def attention_kl(x: LossInputs) -> Tensor:
+    s, t = x.student, x.teacher
+    return torch.stack([
+        hidden.attention_kl(s.attentions[i], torch.stack([t.attentions[j] for j in js]).mean(0), x.mask)  # (B, A, L, L)
+        for i, js in x.pairs]).mean()
+
+
+def rail_c(x: LossInputs) -> Tensor:
+    s_pool, t_pool = x.mapped_pooled
+    return hidden.rail_kd_concat(s_pool, t_pool, x.heads.rail_c, nn.Identity())
+
+
+def rail_l(x: LossInputs) -> Tensor:
+    s_pool, t_pool = x.mapped_pooled
+    return hidden.rail_kd_layerwise(s_pool, t_pool, list(x.heads.rail_l), [None] * len(x.pairs))
+
+
+def lora_ild(x: LossInputs) -> Tensor:
+    """Student layer i's lora_A outputs against those of the first teacher layer it maps to."""
+    s_by, t_by = x.student_lora.by_layer(), x.teacher_lora.by_layer()
+    feats_s = [f for i, _ in x.pairs for f in s_by.get(i, [])]  # (B, L, r) each
+    feats_t = [f for _, js in x.pairs for f in t_by.get(js[0], [])]
+    return lora.lora_feature_mse(feats_s, feats_t, x.mask)
