@@ -16,6 +16,8 @@ from deltakd import api
 from deltakd.errors import DeltakdError
 from deltakd.report.format import short_keys
 from deltakd.runs import RunDir, find_resumable, new_run_dir
+from deltakd import sweep as sweep_module
+from deltakd.runs import RunResults
 from deltakd.sweep import plan_sweep, trial_names
 
 from .conftest import write_recipe
@@ -63,9 +65,9 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def fake_train(calls: list):
-    """Stands in for api.train: a run directory with results made from the trial's lr and seed."""
+    """Stands in for a trial's run (sweep.run_trial): a run directory with results made from the trial's lr and seed."""
 
-    def train(recipe, overrides=(), resume=False):
+    def train(recipe, family=None, resume=False):
         calls.append((recipe.name, resume))
         run = find_resumable(recipe.output_dir, recipe.name) if resume else new_run_dir(recipe.output_dir, recipe.name)
         if not resume:
@@ -78,7 +80,7 @@ def fake_train(calls: list):
                                "test": {"loss": 1.1 - acc, "accuracy": acc - 0.1}},
                    "params": {"total": 100, "trainable": 10, "trainable_pct": 10.0},
                    "train_samples_per_second": 50.0, "wall_time_s": 3.0}
-        run.write_results(results)
+        run.write_results(RunResults.from_json(results))
         return results
 
     return train
@@ -122,7 +124,7 @@ def test_grid_expansion_names_and_normalised_values(tmp_path, toy_task):
 ])
 def test_bad_grid_exits_2_before_any_trial(tmp_path, toy_task, monkeypatch, capsys, grid, expected):
     calls: list = []
-    monkeypatch.setattr(api, "train", fake_train(calls))
+    monkeypatch.setattr(sweep_module, "run_trial", fake_train(calls))
     code, _, err = run_cli(monkeypatch, capsys, "sweep", str(sweep_recipe(tmp_path, "some/model", toy_task, grid)))
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
@@ -164,7 +166,7 @@ def test_ray_backend_sends_each_trial_as_a_remote_task(tmp_path, toy_task, monke
                                  get=lambda ref: ref.fn(*ref.args))
     monkeypatch.setitem(sys.modules, "ray", fake)
     calls: list = []
-    monkeypatch.setattr(api, "train", fake_train(calls))
+    monkeypatch.setattr(sweep_module, "run_trial", fake_train(calls))
     recipe = sweep_recipe(tmp_path, "some/model", toy_task, "{train.lr: [1.0e-3, 2.0e-3], train.seed: [1, 2]}")
     result = api.sweep(recipe, backend="ray", ray_address="auto", gpus_per_trial=1, progress=False)
     assert log["submitted"] == 4 and log["init"]["address"] == "auto"
@@ -175,7 +177,7 @@ def test_ray_backend_sends_each_trial_as_a_remote_task(tmp_path, toy_task, monke
 
 def test_summary_resume_and_extension_with_a_stand_in_trainer(tmp_path, toy_task, monkeypatch):
     calls: list = []
-    monkeypatch.setattr(api, "train", fake_train(calls))
+    monkeypatch.setattr(sweep_module, "run_trial", fake_train(calls))
     recipe = sweep_recipe(tmp_path, "some/model", toy_task, "{train.lr: [1.0e-3, 2.0e-3], train.seed: [1, 2, 3]}")
     result = api.sweep(recipe, progress=False)
     assert len(calls) == 6 and {t.status for t in result.trials} == {"ran"}
@@ -213,7 +215,7 @@ def test_single_seed_and_lower_is_better(tmp_path, toy_task, monkeypatch):
     from deltakd.report.sweep_stats import Trial, summarize
 
     calls: list = []
-    monkeypatch.setattr(api, "train", fake_train(calls))
+    monkeypatch.setattr(sweep_module, "run_trial", fake_train(calls))
     result = api.sweep(sweep_recipe(tmp_path, "some/model", toy_task, "{train.lr: [1.0e-3, 2.0e-3]}"), progress=False)
     rows = read_csv(result.files["csv"])
     assert [r["n"] for r in rows] == ["1", "1"] and {r["valid_accuracy_std"] for r in rows} == {""}
@@ -264,7 +266,7 @@ def test_real_tiny_sweep_through_the_cli_then_rerun_skips(tmp_path, tiny_bert, t
     # rerun: every trial finished, nothing trains, no run directory changes
     before = {p: p.stat().st_mtime_ns for p in sweep_dir.rglob("results.json")}
     calls: list = []
-    monkeypatch.setattr(api, "train", fake_train(calls))
+    monkeypatch.setattr(sweep_module, "run_trial", fake_train(calls))
     code, out, err = run_cli(monkeypatch, capsys, "sweep", str(recipe), "train.max_steps=12", "train.eval_every=6")
     assert code == 0 and calls == [] and "0 trial(s) run, 4 finished before" in out
     assert {p: p.stat().st_mtime_ns for p in sweep_dir.rglob("results.json")} == before

@@ -37,6 +37,11 @@ def train(recipe: str | Path | Any, overrides: Iterable[str] = (), resume: bool 
     return lifecycle.run(recipe, fam, resume=resume, init=init)
 
 
+def load_recipe(path: str | Path, overrides: Iterable[str] = (), check_files: bool = True) -> Any:
+    """A recipe file of any family (``extends:`` merged, overrides applied), validated by its family."""
+    return families.load(path, overrides, check_files=check_files)[0]
+
+
 def evaluate(run_dir: str | Path, split: str = "test", batch_size: int | None = None) -> dict[str, float]:
     """Reload a finished run's model and evaluate it on ``split`` of its task (a multistage stage:
     on every eval set of its recipe); written to the run directory as ``eval_<split>.json`` / ``eval.json``."""

@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .errors import DeltakdError
@@ -175,8 +176,6 @@ def sweep(recipe: Path = typer.Argument(..., help="Recipe YAML file with a sweep
           cpus_per_trial: float = typer.Option(1.0, "--cpus-per-trial", min=0, help="Ray resources per trial."),
           gpus_per_trial: float = typer.Option(0.0, "--gpus-per-trial", min=0, help="Ray resources per trial.")):
     """Run the recipe's sweep: grid, one run per setting; rerun to resume. Output: runs/<name>-sweep/."""
-    from rich.text import Text
-
     api = _api()
     from .report.sweep_stats import best_lines, summary_table  # lazy: plotting stack, as _api
 
@@ -211,8 +210,6 @@ def transfer(recipe: Path = typer.Argument(..., help="Transfer recipe YAML file 
              overrides: Optional[List[str]] = typer.Argument(
                  None, help="Dotted overrides, e.g. transfer.target.seeds=[1] transfer.estimate.temperature=0.5")):
     """Train source modules (reused when finished), estimate similarities, fuse, tune k-shot targets; rerun to resume."""
-    from rich.text import Text
-
     api = _api()
     from .transfer.report import results_rows  # lazy: as _api
 

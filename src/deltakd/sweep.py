@@ -42,7 +42,7 @@ from .report.compare import SWEEP_MANIFEST, load_run
 from .report.format import fmt_value, short_keys
 from .report.sweep_stats import SEED_KEY, SweepSummary, Trial, summarize, summary_chart, summary_csv, summary_markdown
 from .runner import Family, lifecycle
-from .runs import RunDir, latest_run, newest_finished, read_recipe_data
+from .runs import RunDir, RunResults, latest_run, newest_finished, read_recipe_data
 from .trackers import check_trackers
 from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -199,11 +199,16 @@ def _ray():
     return ray
 
 
+def run_trial(recipe: Any, family: Family, resume: bool) -> RunResults | None:
+    """One trial: the run lifecycle of the recipe's family (the same as ``deltakd train``)."""
+    return lifecycle.run(recipe, family, resume=resume)
+
+
 def _train_remote(recipe_data: dict[str, Any], resume: bool) -> str:
     """A trial on a Ray worker: the same lifecycle as the local backend; returns the run dir."""
     fam = families.family_of(recipe_data)
-    results = lifecycle.run(fam.validate(recipe_data, source="sweep trial", check_files=False), fam, resume=resume)
-    return results.run_dir if results is not None else ""
+    results = run_trial(fam.validate(recipe_data, source="sweep trial", check_files=False), fam, resume)
+    return results["run_dir"] if results is not None else ""
 
 
 def _run_ray(todo: list[tuple[TrialSpec, bool]], on_done: Callable[[TrialSpec], None], address: str | None,
@@ -263,7 +268,7 @@ def run_sweep(recipe: str | Path | Any, overrides: Iterable[str] = (), backend: 
     else:
         for spec, resume in todo:
             bar.show(f"{'resuming' if resume else 'running'} {spec.name}")
-            lifecycle.run(spec.recipe, spec.family, resume=resume)
+            run_trial(spec.recipe, spec.family, resume)
             finished(spec)
     ran = {spec.name: ("resumed" if resume else "ran") for spec, resume in todo}
     return _finish(plan, ran)

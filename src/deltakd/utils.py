@@ -8,8 +8,11 @@ import os
 import shutil
 import subprocess
 import tempfile
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
+
+import torch
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -70,8 +73,6 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
 
 
 def package_versions() -> dict[str, str]:
-    from importlib import metadata
-
     out = {}
     for name in ("deltakd", "torch", "transformers", "peft", "accelerate", "datasets",
                  "sentence-transformers", "tokenizers"):
@@ -90,8 +91,6 @@ def cache_root() -> Path:
 
 def cpu_only() -> bool:
     """True when no accelerator is present: the Trainer then runs (and distributes) on the CPU."""
-    import torch
-
     mps = getattr(torch.backends, "mps", None)
     return not (torch.cuda.is_available() or (mps is not None and mps.is_available())
                 or (hasattr(torch, "xpu") and torch.xpu.is_available()))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import sacrebleu
 
 from ..errors import DeltakdError
 
@@ -35,6 +34,10 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[
     ``references`` holds one string per hypothesis, or per hypothesis a list of references
     (each hypothesis the same number).
     """
+    try:
+        import sacrebleu  # lazy: BLEU is its only user, and a broken install should say what to do
+    except ImportError:
+        raise DeltakdError("BLEU needs the sacrebleu package: pip install sacrebleu") from None
     _same_length(hypotheses, references, "corpus_bleu")
     if all(isinstance(r, str) for r in references):
         streams = [list(references)]

@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from accelerate import PartialState
 from torch import nn
 
 from ..errors import DeltakdError
 from ..losses import table
+from ..models.delta import plain_copy
 from ..models.student import every_other, layer_count
 from ..recipe.schema import DistillConfig
 from .cache import INDEX, TeacherCache, load_or_build
@@ -102,8 +104,6 @@ def prepare_distill(d: DistillConfig, student: nn.Module, teacher: nn.Module, ki
     names = set(schedule.loss_names)
     check_kind(names, kind, num_labels)
     if not table.needing(table.LORA_A, names) and hasattr(teacher, "merge_and_unload"):
-        from ..models.delta import plain_copy
-
         teacher = plain_copy(teacher).eval()  # same logits (1e-5), no adapter overhead per forward
     n_s, n_t = layer_count(student), layer_count(teacher)
     layer_map = None
@@ -136,8 +136,6 @@ def prepare_distill(d: DistillConfig, student: nn.Module, teacher: nn.Module, ki
                          hidden_layers=student_layers if table.needing(table.HIDDEN_PROJ, names) else ())
     cache = None
     if d.cache_teacher and kind == table.CLASSIFICATION and table.cache_served(names) and datasets is not None:
-        from accelerate import PartialState
-
         with PartialState().main_process_first():  # one process builds, the others load
             cache = load_or_build(teacher.to(device), datasets["train"], collator, batch_size, device)
         if int(cache.logits.shape[1]) != num_labels:

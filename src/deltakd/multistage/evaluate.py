@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import spearmanr
 from torch import Tensor
 
+from ..losses.hidden import mean_pool
 from .data import ParallelPair, StsSet, by_language
 
 __all__ = [
@@ -68,8 +70,6 @@ def translation_accuracy(source: Tensor | np.ndarray, target: Tensor | np.ndarra
 
 def sts_spearman(emb1: Tensor | np.ndarray, emb2: Tensor | np.ndarray, gold: Sequence[float]) -> float:
     """Spearman rank correlation of ``cos(emb1_i, emb2_i)`` with ``gold_i`` (scipy); (N, H) each."""
-    from scipy.stats import spearmanr
-
     a, b = _as_tensor(emb1), _as_tensor(emb2)
     if a.shape != b.shape or a.shape[0] != len(gold):
         raise ValueError(f"sts_spearman: {tuple(a.shape)}, {tuple(b.shape)} and {len(gold)} gold scores")
@@ -91,8 +91,6 @@ def hf_encoder(
 ) -> Encoder:
     """Encoder from a HF model: mean pooling of ``last_hidden_state`` over real tokens (as
     sentence-transformers' Pooling 'mean'), optional L2 normalisation; eval mode, no grad."""
-    from ..losses.hidden import mean_pool
-
     def encode(sentences: Sequence[str]) -> Tensor:
         was_training = model.training
         model.eval()
@@ -152,7 +150,6 @@ def evaluate_multilingual(
     speed: bool = True,
 ) -> dict[str, float]:
     """Flat metrics per language (keys ``<lang>/...``) and per STS set (``sts/<name>/spearman``):
-
     - ``<lang>/mse``: MSE x100 of student(translation) to teacher(english) (the paper's MSE),
       ``<lang>/mse_en``: student(english) to teacher(english) — both only with a ``teacher``;
     - ``<lang>/acc_src2tgt``, ``<lang>/acc_tgt2src``, ``<lang>/acc``: translation retrieval

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Sequence
+from itertools import combinations
 
+from rich.progress import track
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -88,10 +90,6 @@ def search_keep(
 
     ``score`` is the caller's criterion on a student, e.g. the MSE of its English embeddings to the
     teacher's on a sample of *training* sentences (never test data)."""
-    from itertools import combinations
-
-    from rich.progress import track
-
     n = len(layer_list(pretrained))
     pool = [sorted(c) for c in (candidates if candidates is not None else combinations(range(n), k))]
     if not pool:

@@ -29,14 +29,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import transformers
 from safetensors.torch import load_file, save_file
+from sentence_transformers import SentenceTransformer
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
 from ..errors import DeltakdError
 from .bottleneck import add_embedding_bottleneck, materialize
 from .recurrence import apply_recurrence, unroll
 from .structure import SPEC_KEY, count_parameters, layer_list, layer_owner, multistage_spec
+
+try:  # sentence-transformers >= 5.4
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+except ImportError:  # older layout
+    from sentence_transformers.models import Normalize, Pooling, Transformer
 
 __all__ = [
     "MULTISTAGE_CONFIG",
@@ -132,7 +139,6 @@ def save_student(
 
 def _model_class(config: Any, architecture: str | None) -> Any:
     """The saved architecture's class (``BertModel``), else ``AutoModel``."""
-    import transformers
 
     names = [architecture] if architecture else list(getattr(config, "architectures", None) or [])
     for name in names:
@@ -151,7 +157,6 @@ def load_student(path: str | os.PathLike[str]) -> PreTrainedModel:
     """Load a student saved by ``save_student`` (compact form: structure rebuilt, shared layers
     shared again), a Trainer / ``save_pretrained`` checkpoint of a structured student (spec in
     ``config.json``), or any plain model folder."""
-    from transformers import AutoConfig
 
     root = Path(path)
     if not (root / "config.json").exists():
@@ -201,10 +206,6 @@ def load_student(path: str | os.PathLike[str]) -> PreTrainedModel:
 
 
 def _st_modules() -> tuple[Any, Any, Any]:
-    try:  # sentence-transformers >= 5.4
-        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-    except ImportError:  # older layout
-        from sentence_transformers.models import Normalize, Pooling, Transformer
     return Transformer, Pooling, Normalize
 
 
@@ -232,7 +233,6 @@ def to_sentence_transformer(
     Do not ``.save()`` the result of a bottleneck / recurrent model: sentence-transformers would
     write the compact weights under a plain config; ``save_student`` writes a loadable folder.
     """
-    from sentence_transformers import SentenceTransformer
 
     transformer_cls, pooling_cls, normalize_cls = _st_modules()
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "dim", None)

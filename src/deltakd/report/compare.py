@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-
 from ..errors import DeltakdError
 from ..runs import RunDir, RunResults, newest_finished, read_recipe_data
 from ..utils import atomic_write_bytes, atomic_write_text
 from .blocks import Block, blocks_markdown
 from .format import fmt_duration, fmt_num, fmt_rate, fmt_value
+from .html import render_html
+from .plots import bar_chart, learning_curves
 from .sweep_stats import Trial, best_lines, metric_columns, summarize, summary_chart, summary_table
 
 SWEEP_MANIFEST = "sweep.json"
@@ -179,8 +180,6 @@ def curves_of(run: RunInfo) -> dict[str, list[tuple[int, float]]]:
 
 
 def report_blocks(data: Collected) -> list[Block]:
-    from .plots import bar_chart, learning_curves
-
     runs = data.all_runs()
     if not runs:
         raise DeltakdError("report: no finished run among the paths given")
@@ -220,8 +219,6 @@ def report_blocks(data: Collected) -> list[Block]:
 
 def build_report(paths: Iterable[str | Path], out_dir: str | Path) -> dict[str, Path]:
     """Write ``report.md`` (with its PNGs beside it) and a self-contained ``report.html`` into ``out_dir``."""
-    from .html import render_html
-
     data = collect(paths)
     blocks = report_blocks(data)
     out = Path(out_dir)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 from .format import fmt_num, fmt_value, lower_is_better, markdown_table, setting_label, short_keys
+from .plots import bar_chart
 
 SEED_KEY = "train.seed"
 METHOD_KEY = "peft.method"
@@ -187,7 +188,6 @@ def best_lines(summary: SweepSummary) -> list[str]:
 
 def summary_chart(summary: SweepSummary) -> bytes:
     """Bars of the valid and test main metric per setting, error bars = std over seeds."""
-    from .plots import bar_chart
 
     series, errors = {}, {}
     for split in SPLITS:

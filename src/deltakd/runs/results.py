@@ -3,14 +3,14 @@
 Every family writes the same common fields; what a family adds (the teacher comparison of a
 distillation run, a multistage stage's structure and retrieval metrics, ...) goes in ``extra``
 and is stored flat beside the common fields, so ``results.json`` stays one flat JSON object.
-:class:`RunResults` is also a read-only mapping over that object (``results["metrics"]``,
+:class:`RunResults` is also a mapping over that object (``results["metrics"]``,
 ``results.get("distill")``), which is how tables and reports read any family's results.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from ..errors import DeltakdError
 
 
 @dataclass
-class RunResults(Mapping[str, Any]):
+class RunResults(MutableMapping[str, Any]):
     """What a finished run measured. ``metrics``: split -> metric -> value (the best model)."""
 
     name: str
@@ -68,7 +68,7 @@ class RunResults(Mapping[str, Any]):
         except (OSError, ValueError, TypeError) as e:
             raise DeltakdError(f"{file}: not a readable results file ({str(e).splitlines()[0]})") from None
 
-    # --- a read-only mapping over the flat JSON object -----------------------------------------
+    # --- a mapping over the flat JSON object -------------------------------------------------
 
     def __getitem__(self, key: str) -> Any:
         if key != "extra" and key in _COMMON:
@@ -81,10 +81,16 @@ class RunResults(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(_COMMON) + len(self.extra)
 
-    def with_extra(self, **extra: Any) -> "RunResults":
-        """The same results with ``extra`` keys added or replaced."""
-        self.extra.update(extra)
-        return self
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key != "extra" and key in _COMMON:
+            setattr(self, key, value)
+        else:
+            self.extra[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        if key in _COMMON:
+            raise KeyError(f"'{key}' is a common field of every run's results")
+        del self.extra[key]
 
 
 _COMMON = frozenset(f.name for f in fields(RunResults)) - {"extra"}

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
 
 from .state_dicts import StateDict, TransferError, flatten_delta
 
@@ -281,8 +282,6 @@ def per_example_grad_norms(model: nn.Module, inputs: Mapping[str, Tensor], label
     ``use_vmap``: ``torch.func`` ``vmap(grad)`` (fast), a per-example loop (``False``), or ``None``:
     vmap, falling back to the loop if the model cannot be vmapped.
     """
-    from torch.func import functional_call, grad, vmap
-
     loss_fn = loss_fn or _default_loss
     named = dict(model.named_parameters())
     names = list(params) if params is not None else [n for n, p in named.items() if p.requires_grad]
