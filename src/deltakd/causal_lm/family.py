@@ -15,7 +15,7 @@ from ..errors import DeltakdError
 from ..models.causal_lm import lm_config
 from ..models.delta import Head, load_teacher
 from ..models.hub import load_pretrained
-from ..recipe import Recipe, validate
+from ..recipe import Recipe
 from ..runner import Prepared
 from ..runner.transformers_family import TransformersFamily
 from ..runs import RunDir, RunResults
@@ -40,12 +40,6 @@ def _task(recipe: Recipe, datasets: dict[str, Any], files: dict[str, str | None]
 
 class CausalLMFamily(TransformersFamily):
     name = "lm"
-
-    def validate(self, data: dict[str, Any], source: str = "recipe", check_files: bool = True) -> Recipe:
-        return validate(data, source=source, check_files=check_files)
-
-    def metric_for_best(self, prep: Prepared) -> str:
-        return prep.recipe.train.metric_for_best or "loss"
 
     def prepare(self, recipe: Recipe) -> Prepared:
         """Token blocks, tokenizer (given, the teacher's, or BPE trained on the data), model."""

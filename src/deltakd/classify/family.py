@@ -12,16 +12,13 @@ from ..data.tokenize import tokenize_examples
 from ..errors import DeltakdError
 from ..models.delta import Head, attach_delta, load_base, load_teacher, load_tokenizer
 from ..models.hub import resolve_model_path
-from ..recipe import Recipe, validate
+from ..recipe import Recipe
 from ..runner import Prepared
 from ..runner.transformers_family import TransformersFamily
 
 
 class ClassificationFamily(TransformersFamily):
     name = "classification"
-
-    def validate(self, data: dict[str, Any], source: str = "recipe", check_files: bool = True) -> Recipe:
-        return validate(data, source=source, check_files=check_files)
 
     def prepare(self, recipe: Recipe) -> Prepared:
         set_seed(recipe.train.seed)

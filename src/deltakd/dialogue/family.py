@@ -10,7 +10,7 @@ from transformers import set_seed
 
 from ..data import TaskData
 from ..data.dailydialog import DialogueCollator
-from ..recipe import Recipe, validate
+from ..recipe import Recipe
 from ..runner import Prepared
 from ..runner.transformers_family import TransformersFamily
 from .train import dialogue_eval_data, prepare_dialogue
@@ -18,12 +18,6 @@ from .train import dialogue_eval_data, prepare_dialogue
 
 class DialogueFamily(TransformersFamily):
     name = "dialogue"
-
-    def validate(self, data: dict[str, Any], source: str = "recipe", check_files: bool = True) -> Recipe:
-        return validate(data, source=source, check_files=check_files)
-
-    def metric_for_best(self, prep: Prepared) -> str:
-        return prep.recipe.train.metric_for_best or "loss"
 
     def prepare(self, recipe: Recipe) -> Prepared:
         set_seed(recipe.train.seed)

@@ -78,7 +78,9 @@ class Family:
         raise NotImplementedError
 
     def metric_for_best(self, prep: Prepared) -> str:
-        return prep.recipe.train.metric_for_best or prep.task.spec.main_metric
+        """The recipe's ``train.metric_for_best``, else the task's main metric (the loss for language models)."""
+        lm = prep.task is not None and prep.task.spec.kind == "lm"
+        return prep.recipe.train.metric_for_best or ("loss" if lm else prep.task.spec.main_metric)
 
     def arguments(self, prep: Prepared, run: RunDir, report_to: list[str]) -> TrainingArguments:
         return training_arguments(prep.recipe.train, run, report_to, self.metric_for_best(prep))

@@ -22,6 +22,7 @@ from ..distill.trainer import DistillTrainer
 from ..errors import DeltakdError
 from ..models.delta import count_parameters, load_trained, plain_copy, save_trained
 from ..models.student import every_other, layer_count, student_from_teacher
+from ..recipe import Recipe, validate
 from ..runs import RunDir, RunResults, load_run_recipe
 from ..utils import atomic_write_json
 from .evaluation import evaluate_model, evaluate_raw, task_metrics
@@ -31,6 +32,10 @@ from .lifecycle import distributed_state
 
 class TransformersFamily(Family):
     """Defaults for a transformers model + delta module (+ teacher); see the module docstring."""
+
+    def validate(self, data: dict[str, Any], source: str = "recipe", check_files: bool = True) -> Recipe:
+        """The generic recipe model (:class:`deltakd.recipe.Recipe`) these families share."""
+        return validate(data, source=source, check_files=check_files)
 
     def eval_data(self, recipe: Any, tokenizer: Any) -> tuple[TaskData, dict[str, Any]]:
         """The task and its tokenised splits, for evaluating a saved model."""
