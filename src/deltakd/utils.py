@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import save
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -40,6 +41,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically, as :func:`atomic_write_bytes`."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str] | None = None
+                        ) -> None:
+    """A safetensors file written through :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+
+
+def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Publish a folder written completely under ``tmp`` as ``target`` (replacing an older one)."""
+    target = Path(target)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -25,6 +25,7 @@ from typing import Any, Literal, NamedTuple, get_args
 import torch
 
 from ..errors import DeltakdError
+from ..utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -438,10 +439,5 @@ def write_act_task(examples: Sequence[tuple[str, str]], path: Path) -> Path:
     else:
         rows = (json.dumps({"text": t, "label": a}, ensure_ascii=False) + "\n" for t, a in clean)
         head = ""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(head)
-        f.writelines(rows)
-    tmp.replace(path)
+    atomic_write_text(path, head + "".join(rows))
     return path

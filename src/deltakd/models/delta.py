@@ -30,7 +30,7 @@ from ..recipe.schema import (
     PTuningPeft,
 )
 from ..runs import finished_runs
-from ..utils import atomic_write_json
+from ..utils import atomic_write_json, replace_dir
 from .bottleneck import BottleneckSpec, add_bottleneck_adapters, load_bottleneck, save_bottleneck
 from .hub import load_pretrained, resolve_model_path
 
@@ -255,9 +255,7 @@ def save_trained(model: torch.nn.Module, directory: Path, cfg: PeftConfig, model
             meta["merged"] = "merged"
     tokenizer.save_pretrained(tmp)
     atomic_write_json(tmp / META_FILE, meta)
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
+    replace_dir(tmp, directory)
     return meta
 
 

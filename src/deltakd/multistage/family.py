@@ -18,7 +18,7 @@ from transformers import Trainer, TrainingArguments
 from ..errors import DeltakdError
 from ..runner import Family, Prepared, training_arguments
 from ..runs import RunDir, RunResults
-from ..utils import atomic_write_json
+from ..utils import atomic_write_json, replace_dir
 from .evaluate import evaluate_multilingual, hf_encoder
 from .recipe import MultistageRecipe, load_multistage_recipe, validate
 from .saving import export_plain, save_student
@@ -89,8 +89,7 @@ class MultistageFamily(Family):
         shutil.rmtree(tmp, ignore_errors=True)
         save_student(model, tmp, tokenizer=stage.tokenizer, normalize=stage.normalize,
                      max_seq_length=prep.recipe.data.max_length)
-        shutil.rmtree(run.model_dir, ignore_errors=True)
-        tmp.rename(run.model_dir)
+        replace_dir(tmp, run.model_dir)
 
     def finish(self, prep: Prepared, trainer: Trainer, run: RunDir, results: RunResults,
                speed: dict[str, float], test: bool) -> RunResults:

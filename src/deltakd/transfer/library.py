@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..errors import DeltakdError
@@ -32,7 +32,7 @@ from ..models.delta import find_model_dir, load_trained, read_meta
 from ..recipe import Recipe, validate
 from ..runs import RunResults
 from ..sweep import run_sweep
-from ..utils import atomic_write_json, text_digest
+from ..utils import atomic_save_tensors, atomic_write_json, text_digest
 from .recipe import TransferRecipe
 from .state_dicts import TransferError, lora_scaling
 
@@ -210,10 +210,7 @@ def build_module(recipe: TransferRecipe, task: str, progress: bool = True) -> So
         "train_steps": run_results.get("train_steps"),
     }
     folder = module_dir(recipe, task)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{MODULE_FILE}.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(folder / MODULE_FILE)
+    atomic_save_tensors(folder / MODULE_FILE, state)
     atomic_write_json(folder / META_FILE, meta)  # written last: a module is finished when meta.json exists
     return read_module(folder)
 

@@ -28,7 +28,6 @@ import torch
 from rich.console import Console
 from rich.progress_bar import ProgressBar
 from rich.table import Table
-from safetensors.torch import save_file
 from torch import Tensor
 from transformers import set_seed
 
@@ -39,7 +38,7 @@ from ..families import FAMILIES
 from ..recipe import Recipe, validate
 from ..runner import lifecycle
 from ..runs import RunDir, latest_run, read_recipe_data
-from ..utils import atomic_write_json, text_digest
+from ..utils import atomic_save_tensors, atomic_write_json, text_digest
 from . import estimators as est
 from .fuse import fuse_modules
 from .library import SourceModule, _task_dict, build_module, delta_state, load_delta, source_recipe
@@ -413,10 +412,7 @@ def _loader(fused: dict[str, Tensor]):
 
 
 def _save_fused(path: Path, state: dict[str, Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
+    atomic_save_tensors(path, state)
 
 
 __all__ = ["Estimate", "TransferResult", "check_recipe", "estimate_target", "fuse_start", "run_transfer",
