@@ -34,7 +34,10 @@ def load_task(cfg: TaskConfig, seed: int) -> TaskData:
         spec = resolve_task(cfg)
         if "train" not in spec.files:
             raise DeltakdError(f"task: no training file found in '{cfg.data_dir}'; set task.train_file")
-        raw = {split: read_file(path, spec) for split, path in spec.files.items()}
+        raw = {"train": read_file(spec.files["train"], spec)}
+        # a label of an eval file that training never shows stops at its line
+        known = (spec.labels or _label_names(raw["train"])) if spec.kind == "classification" else None
+        raw.update({split: read_file(path, spec, known) for split, path in spec.files.items() if split != "train"})
     train = raw["train"]
     valid = raw.get("valid")
     seed = seed if cfg.split_seed is None else cfg.split_seed
@@ -59,7 +62,7 @@ def load_task(cfg: TaskConfig, seed: int) -> TaskData:
     labels = spec.labels
     if spec.kind == "classification":
         if labels is None:
-            labels = tuple(sorted({ex["label"] for ex in raw["train"]}, key=_natural))
+            labels = _label_names(raw["train"])
         index = {name: i for i, name in enumerate(labels)}
         for name, examples in splits.items():
             for ex in examples:
@@ -68,6 +71,10 @@ def load_task(cfg: TaskConfig, seed: int) -> TaskData:
                                        f"not in the training labels {list(labels)}")
         splits = {name: [{**ex, "label": index[ex["label"]]} for ex in exs] for name, exs in splits.items()}
     return TaskData(spec, labels, splits)
+
+
+def _label_names(train: list[Example]) -> tuple[str, ...]:
+    return tuple(sorted({ex["label"] for ex in train}, key=_natural))
 
 
 def _natural(label: str) -> tuple[int, float | str]:

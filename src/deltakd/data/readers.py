@@ -5,8 +5,11 @@ Every malformed row stops the run with the file and line that hold it.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,37 +35,79 @@ def detect_format(path: Path, fmt: str) -> str:
     raise DeltakdError(f"{path}: cannot tell the format from the extension; set task.format (tsv, csv, jsonl)")
 
 
-def _rows(path: Path, fmt: str, header: bool) -> Iterator[tuple[int, dict[Any, Any]]]:
+def _decode(path: Path) -> str:
+    """The file as text: UTF-8 with or without a byte-order mark; other bytes stop with their place."""
+    raw = path.read_bytes()
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = skip + e.start
+        line = raw.count(b"\n", 0, at) + 1
+        column = at - raw.rfind(b"\n", 0, at)
+        raise DeltakdError(f"{path} line {line}: byte 0x{raw[at]:02x} (file offset {at}, column {column}) "
+                           "is not UTF-8; save the file as UTF-8") from None
+
+
+def _tsv_cells(text: str) -> Iterator[tuple[int, list[str]]]:
+    """Tab-separated cells, quotes read as text (GLUE sentences hold unbalanced ones), except in a row that
+    has more cells than the first: there csv quoting applies when it makes the row fit ("a<TAB>b")."""
+    width = None
+    for i, line in enumerate(io.StringIO(text, newline=""), start=1):
+        line = line.rstrip("\r\n")
+        cells = line.split("\t")
+        if width is None:
+            width = len(cells) if line.strip() else None
+        elif len(cells) > width and '"' in line:
+            try:
+                quoted = next(csv.reader([line], delimiter="\t", strict=True))
+            except csv.Error:  # not valid quoting: the quotes are text
+                quoted = cells
+            if len(quoted) <= width:
+                cells = quoted
+        yield i, cells
+
+
+def _cells(text: str, fmt: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, cells) of a tsv or csv text; CRLF, LF and CR line ends alike."""
+    if fmt == "tsv":
+        yield from _tsv_cells(text)
+        return
+    reader = csv.reader(io.StringIO(text, newline=""))
+    for cells in reader:
+        yield reader.line_num, cells
+
+
+def _rows(path: Path, fmt: str, header: bool, extra_cells: str = "error") -> Iterator[tuple[int, dict[Any, Any]]]:
     """(line number, row) pairs; a row maps column name (or index when headerless) to value."""
-    with open(path, encoding="utf-8", newline="") as f:
-        if fmt == "jsonl":
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DeltakdError(f"{path} line {i}: invalid JSON: {e.msg}") from None
-                if not isinstance(row, dict):
-                    raise DeltakdError(f"{path} line {i}: expected a JSON object, got {type(row).__name__}")
-                yield i, row
-            return
-        if fmt == "tsv":
-            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        else:
-            reader = csv.reader(f)
-        names: list[str] | None = None
-        for cells in reader:
-            line = reader.line_num
-            if not cells or all(not c.strip() for c in cells):
+    text = _decode(path)
+    if fmt == "jsonl":
+        for i, line in enumerate(io.StringIO(text, newline=""), start=1):
+            if not line.strip():
                 continue
-            if header and names is None:
-                names = [c.strip() for c in cells]
-                continue
-            if names is None:
-                yield line, dict(enumerate(cells))
-            else:
-                yield line, {n: (cells[j] if j < len(cells) else None) for j, n in enumerate(names)}
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DeltakdError(f"{path} line {i}: invalid JSON: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise DeltakdError(f"{path} line {i}: expected a JSON object, got {type(row).__name__}")
+            yield i, row
+        return
+    names: list[str] | None = None
+    for line, cells in _cells(text, fmt):
+        if not cells or all(not c.strip() for c in cells):
+            continue
+        if header and names is None:
+            names = [c.strip() for c in cells]
+            continue
+        if names is None:
+            yield line, dict(enumerate(cells))
+            continue
+        if extra_cells == "error" and any(c.strip() for c in cells[len(names):]):
+            raise DeltakdError(f"{path} line {line}: {len(cells)} cells but the header names {len(names)} "
+                               "columns (an unquoted tab or comma in a text?); fix the row, or set "
+                               "task.extra_cells: ignore to read only the named columns")
+        yield line, {n: (cells[j] if j < len(cells) else None) for j, n in enumerate(names)}
 
 
 def _get(row: dict[Any, Any], col: str | int, where: str) -> Any:
@@ -96,22 +141,34 @@ def to_example(row: dict[Any, Any], spec: TaskSpec, where: str, labelled: bool =
                 ex["label"] = float(raw)
             except (TypeError, ValueError):
                 raise DeltakdError(f"{where}: label {raw!r} in column {spec.label_column!r} is not a number") from None
+            if not math.isfinite(ex["label"]):
+                raise DeltakdError(f"{where}: label {raw!r} in column {spec.label_column!r} is not a finite number")
         else:
             key = _label_key(raw)
             if spec.labels is not None and key not in spec.labels:
                 raise DeltakdError(f"{where}: label {key!r} is not in the label set {list(spec.labels)}")
             if not key:
                 raise DeltakdError(f"{where}: empty label in column {spec.label_column!r}")
+            if spec.labels is None and key.lower() == "nan":
+                raise DeltakdError(f"{where}: label {key!r} in column {spec.label_column!r} is a missing value, "
+                                   "not a class; drop the row or list the labels in task.labels")
             ex["label"] = key
     return ex
 
 
-def read_file(path: Path, spec: TaskSpec) -> list[Example]:
+def read_file(path: Path, spec: TaskSpec, train_labels: tuple[str, ...] | None = None) -> list[Example]:
+    """The examples of one file; with ``train_labels`` (an eval split) any other label stops at its line."""
     if not path.is_file():
         raise DeltakdError(f"data file '{path}' does not exist")
     fmt = detect_format(path, spec.format)
     header = spec.header if fmt != "jsonl" else True
-    examples = [to_example(row, spec, f"{path} line {line}") for line, row in _rows(path, fmt, header)]
+    examples = []
+    for line, row in _rows(path, fmt, header, spec.extra_cells):
+        where = f"{path} line {line}"
+        ex = to_example(row, spec, where)
+        if train_labels is not None and ex["label"] not in train_labels:
+            raise DeltakdError(f"{where}: label {ex['label']!r} is not among the training labels {list(train_labels)}")
+        examples.append(ex)
     if not examples:
         raise DeltakdError(f"{path}: no examples")
     return examples

@@ -69,6 +69,7 @@ class TaskSpec:
     files: dict[str, Path] = field(default_factory=dict)  # split -> file
     format: str = "auto"
     header: bool = True
+    extra_cells: str = "error"  # a tsv/csv row with more cells than the header: error | ignore
 
     @property
     def main_metric(self) -> str:
@@ -118,7 +119,8 @@ def resolve_task(cfg: TaskConfig) -> TaskSpec:
     header = cfg.header
     if lay is not None and cfg.format == "auto":
         fmt, header = lay.format, lay.header
-    return TaskSpec(cfg.name, kind, labels, metrics, text_columns, label_column, files, fmt, header)
+    return TaskSpec(cfg.name, kind, labels, metrics, text_columns, label_column, files, fmt, header,
+                    cfg.extra_cells)
 
 
 _METRICS_FOR = {"classification": ("accuracy", "f1", "matthews"), "regression": ("pearson", "spearman")}

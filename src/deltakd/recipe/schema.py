@@ -79,6 +79,9 @@ class TaskConfig(Strict):
     test_file: str | None = None
     format: Literal["auto", "tsv", "csv", "jsonl"] = "auto"
     header: bool = True
+    extra_cells: Literal["error", "ignore"] = Field(
+        default="error", description="a tsv/csv row with more cells than its header: stop at it (error) "
+        "or read only the named columns (ignore)")
     text_columns: list[str | int] | None = Field(default=None, min_length=1, max_length=2)
     label_column: str | int | None = None
     labels: list[str] | None = Field(default=None, min_length=2)
