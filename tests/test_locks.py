@@ -1,7 +1,8 @@
-"""Concurrency of run folders: atomic creation, one process per run folder."""
+"""Concurrency of run folders: atomic creation, one process per run / sweep folder, the teacher cache."""
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing as mp
 import os
 import signal
@@ -182,3 +183,77 @@ def test_a_run_holds_its_lock_until_results_json_is_written(tmp_path, tiny_bert,
     assert len(failed) == 1 and failed[0] != run_path and lock_holder(failed[0]) is None
     _, recipe, fam = classification_recipe(tmp_path, toy_task, model=str(tiny_bert))
     assert lifecycle.resumable_run(recipe, fam).path == failed[0]
+
+
+# ----------------------------------------------------------------------------- teacher cache
+
+
+def _build_teacher_cache(root: str, log: str, barrier, queue) -> None:
+    """A process building the teacher cache of a tiny seeded teacher; reports the tensors it read."""
+    import torch
+    from datasets import Dataset
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from deltakd.distill import cache
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                                       num_attention_heads=2, intermediate_size=64))
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 50, (24, 8), generator=gen).tolist()
+    ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 8] * 24})
+    real = cache.compute_teacher_outputs
+
+    def counted(*args, **kwargs):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(1.0)  # a slow teacher: the other builders arrive meanwhile
+        return real(*args, **kwargs)
+
+    cache.compute_teacher_outputs = counted
+
+    def collate(rows):
+        return {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
+
+    barrier.wait()
+    entry = cache.load_or_build(teacher, ds, collate, 8, root=Path(root))
+    digest = hashlib.sha256(entry.logits.numpy().tobytes() + entry.pooled.numpy().tobytes()).hexdigest()
+    queue.put((str(entry.path), digest, tuple(entry.pooled.shape)))
+
+
+def test_concurrent_teacher_cache_builders_make_one_complete_entry(tmp_path):
+    ctx = mp.get_context("forkserver")  # children of a server that only imported torch: fork-safe and quick
+    ctx.set_forkserver_preload(["torch", "transformers", "datasets", "deltakd.distill.cache"])
+    n = 3
+    barrier, queue = ctx.Barrier(n), ctx.Queue()
+    log = tmp_path / "builds.log"
+    procs = [ctx.Process(target=_build_teacher_cache, args=(str(tmp_path / "cache"), str(log), barrier, queue))
+             for _ in range(n)]
+    for p in procs:
+        p.start()
+    got = [queue.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0] * n
+    assert len(set(got)) == 1 and got[0][2] == (24, 3, 32)  # every reader: the same entry, the same tensors
+    assert len(log.read_text().splitlines()) == 1  # built once; the others waited and read it
+    entries = sorted(p.name for p in (tmp_path / "cache" / "teacher").iterdir() if not p.name.startswith("."))
+    assert entries == [Path(got[0][0]).name]
+    assert sorted(p.name for p in Path(got[0][0]).iterdir()) == ["meta.json", "teacher.safetensors"]
+    assert not [p for p in (tmp_path / "cache" / "teacher").iterdir() if p.name.startswith((".tmp-", ".stale-"))]
+
+
+def test_cached_dir_replaces_an_incomplete_folder(tmp_path):
+    from deltakd.utils import cached_dir
+
+    (tmp_path / "k").mkdir()
+    (tmp_path / "k" / "partial.bin").write_bytes(b"half")  # not made by cached_dir: no ready file
+
+    def build(tmp: Path) -> None:
+        (tmp / "data.bin").write_bytes(b"whole")
+        (tmp / "ready").write_text("ok")
+
+    path = cached_dir(tmp_path, "k", build, ready="ready")
+    assert sorted(p.name for p in path.iterdir()) == ["data.bin", "ready"]
+    assert (path / "data.bin").read_bytes() == b"whole"
