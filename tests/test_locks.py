@@ -6,6 +6,7 @@ import hashlib
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -138,7 +139,17 @@ def test_a_killed_runs_folder_is_resumable_again(tmp_path, toy_task):
     assert lifecycle.resumable_run(recipe, fam) == run
 
 
-def test_train_resume_of_a_run_in_use_is_one_line_before_anything_is_written(tmp_path, toy_task, monkeypatch):
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    from deltakd import cli
+
+    monkeypatch.setattr(sys, "argv", ["deltakd", *args])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    return e.value.code or 0, capsys.readouterr().err
+
+
+def test_train_resume_of_a_run_in_use_is_one_line_before_anything_is_written(tmp_path, toy_task, monkeypatch,
+                                                                               capsys):
     path, recipe, fam = classification_recipe(tmp_path, toy_task)
     (run,) = unfinished_runs(recipe, 1)
     prepared = []
@@ -150,6 +161,9 @@ def test_train_resume_of_a_run_in_use_is_one_line_before_anything_is_written(tmp
             with pytest.raises(DeltakdError) as e:
                 call()
             assert str(e.value).startswith(f"run '{run.path}' is in use by another process (pid {os.getpid()}); ")
+        code, err = run_cli(monkeypatch, capsys, "train", str(path), "--resume")
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1 and f"run '{run.path}' is in use by another process" in lines[0], err
         assert prepared == [] and {p.name: p.read_bytes() for p in run.path.iterdir()} == before
 
 
