@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 import sys
 import types
@@ -18,6 +19,7 @@ from deltakd.report.format import short_keys
 from deltakd.runs import RunDir, find_resumable, new_run_dir
 from deltakd import sweep as sweep_module
 from deltakd.runs import RunResults
+from deltakd.runs.lock import FolderLock, lock_holder
 from deltakd.sweep import plan_sweep, trial_names
 
 from .conftest import write_recipe
@@ -207,6 +209,30 @@ def test_summary_resume_and_extension_with_a_stand_in_trainer(tmp_path, toy_task
     with pytest.raises(DeltakdError, match=r"trial 'tiny--lr_0.001--seed_1' already has a run .* \(differs at "
                                            r"train.max_steps\)"):
         api.sweep(recipe, ["train.max_steps=5"], progress=False)
+
+
+def test_a_second_sweep_of_the_same_folder_refuses_with_one_line(tmp_path, toy_task, monkeypatch, capsys):
+    calls: list = []
+    held: list = []
+    trainer = fake_train(calls)
+
+    def train(recipe, family=None, resume=False):
+        held.append(lock_holder(recipe.output_dir))  # the sweep folder, while a trial trains
+        return trainer(recipe, family, resume)
+
+    monkeypatch.setattr(sweep_module, "run_trial", train)
+    recipe = sweep_recipe(tmp_path, "some/model", toy_task, "{train.seed: [1, 2]}")
+    sweep_dir = tmp_path / "runs" / "tiny-sweep"
+    with FolderLock(sweep_dir, "sweep"):  # another sweep of the same folder is running
+        code, _, err = run_cli(monkeypatch, capsys, "sweep", str(recipe))
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: sweep '{sweep_dir}' is in use by another process (pid {os.getpid()}); ")
+    assert calls == [] and not (sweep_dir / "sweep.json").exists()
+    # once free, the sweep runs, holds its folder while the trials train, and lets go at the end
+    result = api.sweep(recipe, progress=False)
+    assert len(calls) == 2 and held == [os.getpid()] * 2 and {t.status for t in result.trials} == {"ran"}
+    assert lock_holder(sweep_dir) is None
 
 
 def test_single_seed_and_lower_is_better(tmp_path, toy_task, monkeypatch):

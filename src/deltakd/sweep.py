@@ -12,7 +12,8 @@ Trial names use ``key_value`` (recipe names allow only letters, digits, ``_ . -`
 its last dotted part unless two grid keys share it. Every trial is validated before the first one
 runs, so a bad grid value stops the sweep with one line (exit code 2) and nothing written.
 Rerunning a sweep skips trials whose newest run finished and resumes unfinished ones from
-their last checkpoint; adding values to the grid runs only the new trials.
+their last checkpoint; adding values to the grid runs only the new trials. A sweep holds the lock
+of its folder (``runs.lock``) while it runs: a second sweep of the same folder stops with one line.
 
 ``backend="ray"`` sends the trials to a Ray cluster as ``ray.remote`` tasks (one task per
 trial, ``ray.wait`` collects them); the workers need deltakd installed and the recipe's paths
@@ -43,6 +44,7 @@ from .report.format import fmt_value, short_keys
 from .report.sweep_stats import SEED_KEY, SweepSummary, Trial, summarize, summary_chart, summary_csv, summary_markdown
 from .runner import Family, lifecycle
 from .runs import RunDir, RunResults, latest_run, newest_finished, read_recipe_data
+from .runs.lock import FolderLock
 from .trackers import check_trackers
 from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -252,6 +254,17 @@ def run_sweep(recipe: str | Path | Any, overrides: Iterable[str] = (), backend: 
     plan = plan_sweep(recipe, overrides)
     for spec in plan.trials:
         check_trackers(spec.recipe.track)
+    main = os.environ.get("RANK", "0") in ("", "0")  # under torchrun only the main process writes and locks
+    lock = FolderLock(plan.sweep_dir, "sweep").acquire() if main else None  # a second sweep of it: one line
+    try:
+        return _run_plan(plan, backend, ray_address, cpus_per_trial, gpus_per_trial, console, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_plan(plan: SweepPlan, backend: str, ray_address: str | None, cpus_per_trial: float, gpus_per_trial: float,
+              console: Console | None, progress: bool) -> SweepResult:
     states = {spec.name: _state(spec) for spec in plan.trials}
     _write_manifest(plan, states)
     bar = _Progress(plan.name, len(plan.trials), (console or Console(stderr=True)) if progress else None)

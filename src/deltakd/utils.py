@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -114,20 +115,27 @@ def cpu_only() -> bool:
 def cached_dir(root: Path, key: str, build: Callable[[Path], None], ready: str) -> Path:
     """``root/key``, built once by ``build(tmp_dir)`` and published by an atomic rename.
 
-    ``ready`` names a file whose presence marks a complete entry. Concurrent builders of the
-    same key are harmless: the first rename wins and the others' work is discarded.
+    ``ready`` names a file whose presence marks a complete entry; readers of a complete entry take
+    no lock. Builders of the same key take turns on ``root/.<key>.lock`` (``flock``, dropped by the OS
+    if a builder dies): the first builds, the others wait and then read its entry. A folder without
+    ``ready`` (left by something other than this function) is replaced.
     """
     path = Path(root) / key
     if (path / ready).is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
-    try:
-        build(tmp)
+    with open(path.parent / f".{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (path / ready).is_file():  # built by the builder we waited for
+            return path
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
         try:
+            build(tmp)
+            if path.exists():
+                stale = Path(tempfile.mkdtemp(dir=path.parent, prefix=".stale-"))
+                os.replace(path, stale / key)
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.rename(path)
-        except OSError:  # another process published the same key first
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return path

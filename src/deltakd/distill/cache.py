@@ -5,7 +5,8 @@ the mean-pooled output of every layer can be stored once and looked up by exampl
 The cache key hashes the teacher's weights and config (adapter or merged give different
 weights, hence different keys) and every tokenised training example (ids, segments, mask), so a
 changed teacher, data file, tokenizer or ``max_length`` builds a new entry. Stored in fp16
-(safetensors); entries are published atomically, so a killed build leaves no half entry.
+(safetensors); entries are published atomically, so a killed build leaves no half entry, and
+concurrent builders of one entry take turns (``utils.cached_dir``): it is computed once.
 
 What cannot come from the cache: token-level teacher states (hidden-state MSE/cosine per token,
 attention maps, LoRA features). Losses needing them run the teacher live; the trainer decides.

@@ -5,7 +5,9 @@ fails here, nothing written yet) -> run directory + ``recipe.yaml`` (main proces
 (``family.make_trainer``, trackers, metrics log, early stopping) -> train (from the newest complete
 checkpoint on resume) -> ``best/`` and ``last/`` -> ``family.evaluate`` -> ``model/`` ->
 ``family.finish`` -> ``results.json`` (written last and atomically: its presence marks the run
-finished). Under torchrun every process trains and evaluates; only the main one writes.
+finished). Under torchrun every process trains and evaluates; only the main one writes. The main
+process holds the run folder's lock (``runs.lock``) from creation or resume selection until
+``results.json``: a second process resuming the same run gets one line.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from transformers import EarlyStoppingCallback
 
 from ..errors import DeltakdError
 from ..runs import RunDir, RunResults, new_run_dir
+from ..runs.lock import FolderLock, in_use, lock_holder
 from ..runs.rundir import runs_of
 from ..trackers import check_trackers, tracker_callbacks
 from ..utils import cpu_only
@@ -45,15 +48,42 @@ def share(value: str, state) -> str:
 
 
 def resumable_run(recipe: Any, family: Family) -> RunDir:
-    """The newest unfinished run of ``recipe.name`` made from the same recipe; one line if none."""
+    """The newest unfinished run of ``recipe.name`` made from the same recipe and not in use by a live
+    process (its lock held); one line if none."""
     unfinished = [r for r in reversed(runs_of(recipe.output_dir, recipe.name)) if not r.finished]
     if not unfinished:
         raise DeltakdError(f"--resume: no unfinished run of '{recipe.name}' under '{recipe.output_dir}'")
+    busy: tuple[RunDir, int] | None = None
     for run in unfinished:
         if not family.differences(read_recipe_data(run), recipe):
-            return run
+            pid = lock_holder(run.path)
+            if pid is None:
+                return run
+            busy = busy or (run, pid)
+    if busy is not None:
+        raise DeltakdError(in_use(busy[0].path, busy[1]))
     changed = family.differences(read_recipe_data(unfinished[0]), recipe)
     raise DeltakdError(f"--resume: the recipe differs from the one in '{unfinished[0].path}' at {', '.join(changed)}")
+
+
+_ERROR = "\0error:"  # marks the main process's one-line error in what it shares
+
+
+def claim(run: RunDir | None, recipe: Any, family: Family, state) -> tuple[RunDir, FolderLock | None]:
+    """The run to continue (``run``, else the resumable one), locked by the main process, which alone
+    chooses it and shares the choice (or its one-line error) with the others under torchrun."""
+    answer, lock = "", None
+    if state.is_main_process:
+        try:
+            run = run or resumable_run(recipe, family)
+            lock = FolderLock(run.path).acquire()
+            answer = str(run.path)
+        except DeltakdError as e:
+            answer = _ERROR + str(e)
+    answer = share(answer, state)
+    if answer.startswith(_ERROR):
+        raise DeltakdError(answer[len(_ERROR):])
+    return RunDir(Path(answer)), lock
 
 
 def run(recipe: Any, family: Family, resume: bool = False, init: Callable[[Prepared], None] | None = None,
@@ -67,18 +97,23 @@ def run(recipe: Any, family: Family, resume: bool = False, init: Callable[[Prepa
     """
     check_trackers(recipe.track)
     state = distributed_state()
-    run = run_dir
-    if resume and run is None:
-        run = resumable_run(recipe, family)
-    prep = family.prepare(recipe)  # bad data or model fails here, before anything is written
-    if init is not None and not resume:
-        init(prep)
-    if run is None:
-        path = str(new_run_dir(recipe.output_dir, recipe.name).path) if state.is_main_process else ""
-        run = RunDir(Path(share(path, state)))
-        if state.is_main_process:
-            run.write_recipe(recipe)
-    return train(prep, family, run, resume=resume, is_main=state.is_main_process, test=test)
+    run, lock = run_dir, None
+    if resume or run is not None:  # held by the main process until results.json is written
+        run, lock = claim(run, recipe, family, state)
+    try:
+        prep = family.prepare(recipe)  # bad data or model fails here, before anything is written
+        if init is not None and not resume:
+            init(prep)
+        if run is None:
+            path = str(new_run_dir(recipe.output_dir, recipe.name).path) if state.is_main_process else ""
+            run = RunDir(Path(share(path, state)))
+            if state.is_main_process:
+                lock = FolderLock(run.path).acquire()  # before recipe.yaml: no resume picks the run up meanwhile
+                run.write_recipe(recipe)
+        return train(prep, family, run, resume=resume, is_main=state.is_main_process, test=test)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def train(prep: Prepared, family: Family, run: RunDir, resume: bool = False, is_main: bool = True,

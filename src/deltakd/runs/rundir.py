@@ -102,15 +102,23 @@ class RunDir:
 
 
 def new_run_dir(output_dir: Path, name: str) -> RunDir:
+    """A new, empty ``<output_dir>/<name>/<stamp>[-n]`` folder, never one another process made.
+
+    Safe under concurrent callers: ``mkdir`` without ``exist_ok`` claims a name atomically; a name
+    taken meanwhile moves on to the next suffix.
+    """
     base = Path(output_dir) / name
+    base.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = base / stamp
     n = 1
-    while path.exists():
-        n += 1
-        path = base / f"{stamp}-{n}"
-    path.mkdir(parents=True)
-    return RunDir(path)
+    while True:
+        path = base / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            n += 1
+            continue
+        return RunDir(path)
 
 
 def runs_of(output_dir: Path, name: str) -> list[RunDir]:
