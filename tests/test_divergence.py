@@ -18,7 +18,7 @@ from deltakd import api
 from deltakd.distill.trainer import DistillTrainer
 from deltakd.errors import DivergedError
 from deltakd.runner.divergence import finite_weights, nonfinite_metric_warnings
-from deltakd.runs import RunDir
+from deltakd.runs import RunDir, RunResults
 
 from .multistage.test_run import STAGES, teacher_dir, tiny, world  # noqa: F401 - the module fixtures
 from .test_train import tiny_recipe
@@ -162,3 +162,24 @@ def test_a_multistage_stage_names_its_term_and_stops_the_pipeline(tmp_path, worl
     assert json.loads((run_dir / "results.json").read_text())["diverged"]["term"] == "mse"
     with pytest.raises(DivergedError, match="training diverged at step 4"):  # a rerun does not go on from it
         api.pipeline([MSE], sets)
+
+
+def test_a_sweep_records_diverged_trials_and_leaves_them_out_of_the_summary(tmp_path, tiny_bert, toy_task,
+                                                                           monkeypatch):
+    original = Trainer.compute_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = original(self, model, inputs, return_outputs, num_items_in_batch)
+        seed_two = model.training and self.args.seed == 2 and self.state.global_step + 1 >= NAN_FROM
+        return loss * float("nan") if seed_two else loss
+
+    monkeypatch.setattr(Trainer, "compute_loss", compute_loss)
+    recipe = tiny_recipe(tmp_path, tiny_bert, toy_task, train=TRAIN)
+    res = api.sweep(recipe, ["sweep.train.seed=[1,2]"], progress=False)
+    assert [o.status for o in res.trials] == ["ran", "ran"]
+    results = [RunResults.read(o.run_dir) for o in res.trials]
+    assert "diverged" not in results[0] and results[1]["diverged"]["step"] == NAN_FROM
+    (setting,) = res.summary.settings
+    assert setting.n == 1 and res.summary.diverged == [f"{res.trials[1].name} (step {NAN_FROM}: loss nan)"]
+    assert f"Diverged, left out of the statistics (1): `{res.trials[1].name} (step {NAN_FROM}: loss nan)`" in \
+        (res.sweep_dir / "summary.md").read_text()
