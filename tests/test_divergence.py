@@ -82,6 +82,32 @@ def test_patience_two_stops_two_steps_later(tmp_path, tiny_bert, toy_task, nan_l
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+class _NanGrad(torch.autograd.Function):
+    """The identity forward; a NaN gradient backward (a finite loss, non-finite gradients)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_a_non_finite_gradient_norm_under_a_finite_loss_stops_the_run(tmp_path, tiny_bert, toy_task, monkeypatch):
+    original = Trainer.compute_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = original(self, model, inputs, return_outputs, num_items_in_batch)
+        return _NanGrad.apply(loss) if model.training and self.state.global_step + 1 >= NAN_FROM else loss
+
+    monkeypatch.setattr(Trainer, "compute_loss", compute_loss)
+    with pytest.raises(DivergedError, match=f"training diverged at step {NAN_FROM}: the gradient norm is nan"):
+        api.train(tiny_recipe(tmp_path, tiny_bert, toy_task, train=TRAIN))
+    d = json.loads(_run_dir(tmp_path).results_file.read_text())["diverged"]
+    assert (d["step"], d["term"], d["model_step"]) == (NAN_FROM, "grad_norm", 4)
+
+
 def test_no_finite_checkpoint_no_model(tmp_path, tiny_bert, toy_task, nan_loss, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "NAN_FROM", 1)
     with pytest.raises(DivergedError, match="no checkpoint has finite weights, so no model/ was saved"):

@@ -66,7 +66,7 @@ class DivergenceGuard(TrainerCallback):
         self._trainer: Trainer | None = None
         self._bad: torch.Tensor | None = None  # this optimizer step's loss flag, on the device
         self._losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses (read only if bad)
-        self._grad_bad: torch.Tensor | None = None
+        self._grad_norm: torch.Tensor | float | None = None  # this optimizer step's gradient norm
         self._term: tuple[str, str] | None = None  # the first non-finite recorded term of this step
         self._streak: list[tuple[int, str, str]] = []
 
@@ -91,10 +91,7 @@ class DivergenceGuard(TrainerCallback):
 
             def get_grad_norm(*args: Any, **kwargs: Any):
                 norm = grad_norm(*args, **kwargs)
-                if isinstance(norm, torch.Tensor):
-                    self._grad_bad = ~torch.isfinite(norm.detach())
-                elif isinstance(norm, float) and not math.isfinite(norm):
-                    self._grad_bad = torch.tensor(True)
+                self._grad_norm = norm.detach() if isinstance(norm, torch.Tensor) else norm
                 return norm
 
             trainer._get_grad_norm = get_grad_norm
@@ -102,19 +99,24 @@ class DivergenceGuard(TrainerCallback):
 
     def _step_flags(self) -> tuple[bool, bool]:
         """(loss non-finite, gradient norm non-finite) of this optimizer step: the one host sync."""
-        flags = torch.stack([
-            (self._bad if self._bad is not None else torch.tensor(False)).cpu(),
-            (self._grad_bad if self._grad_bad is not None else torch.tensor(False)).cpu()]).float()
+        norm = self._grad_norm
+        grad_bad = ~torch.isfinite(torch.as_tensor(norm)) if isinstance(norm, (torch.Tensor, float)) else None
+        parts = [self._bad, grad_bad]
+        device = next((p.device for p in parts if p is not None), torch.device("cpu"))
+        flags = torch.stack([torch.zeros((), dtype=torch.bool, device=device) if p is None else p.to(device)
+                             for p in parts]).float()  # (2,), on the device: no sync yet
         trainer = self._trainer
         if trainer is not None and trainer.accelerator.num_processes > 1:  # every process stops together
-            flags = trainer.accelerator.reduce(flags.to(trainer.args.device), reduction="sum").cpu()
-        self._bad, self._grad_bad = None, None
+            flags = trainer.accelerator.reduce(flags.to(trainer.args.device), reduction="sum")
+        flags = flags.cpu()  # the one host sync of the step
+        self._bad = None
         return bool(flags[0] > 0), bool(flags[1] > 0)
 
     def on_step_end(self, args, state, control, **kwargs):
         loss_bad, grad_bad = self._step_flags()
         term, self._term = self._term, None
         losses, self._losses = self._losses, []
+        norm, self._grad_norm = self._grad_norm, None
         if not (loss_bad or grad_bad):
             self._streak.clear()
             return control
@@ -122,7 +124,7 @@ class DivergenceGuard(TrainerCallback):
             name, value = term or ("loss", next((_text(float(x.sum())) for x in losses
                                                   if not torch.isfinite(x).all()), "nan"))
         else:
-            name, value = "grad_norm", "nan"
+            name, value = "grad_norm", _text(float(norm)) if isinstance(norm, (torch.Tensor, float)) else "nan"
         self._streak.append((state.global_step, name, value))
         if len(self._streak) > self.patience:
             step, name, value = self._streak[0]
