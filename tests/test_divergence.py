@@ -209,3 +209,20 @@ def test_a_sweep_records_diverged_trials_and_leaves_them_out_of_the_summary(tmp_
     assert setting.n == 1 and res.summary.diverged == [f"{res.trials[1].name} (step {NAN_FROM}: loss nan)"]
     assert f"Diverged, left out of the statistics (1): `{res.trials[1].name} (step {NAN_FROM}: loss nan)`" in \
         (res.sweep_dir / "summary.md").read_text()
+
+
+def test_a_run_with_a_nan_eval_loss_warns_and_finishes(tmp_path, tiny_bert, toy_task, monkeypatch, caplog):
+    original = Trainer.compute_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = original(self, model, inputs, return_outputs, num_items_in_batch)
+        if model.training:
+            return out
+        return (out[0] * float("nan"), out[1]) if return_outputs else out * float("nan")
+
+    monkeypatch.setattr(Trainer, "compute_loss", compute_loss)
+    with caplog.at_level(logging.WARNING, logger="deltakd.runner.divergence"):
+        results = api.train(tiny_recipe(tmp_path, tiny_bert, toy_task, train=", max_steps: 2"))
+    assert "diverged" not in results and math.isnan(results["metrics"]["valid"]["loss"])
+    messages = [r.getMessage() for r in caplog.records]
+    assert "valid loss is nan: the model diverged or the metric overflowed" in messages, messages
