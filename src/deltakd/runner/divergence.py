@@ -129,7 +129,6 @@ class DivergenceGuard(TrainerCallback):
         if len(self._streak) > self.patience:
             step, name, value = self._streak[0]
             self.diverged = Divergence(step, name, value, self.patience, state.global_step)
-            logger.error(self.diverged.line())
             self._stop(control)
         return control
 
