@@ -12,7 +12,7 @@ from transformers import set_seed
 
 from . import families
 from .dialogue.evaluate import GenerationSettings, evaluate_dialogue
-from .errors import DeltakdError
+from .errors import DeltakdError, DivergedError
 from .models.delta import find_model_dir, generate_new_tokens, load_trained, read_meta, virtual_token_count
 from .pipeline import StageOutcome, run_pipeline
 from .report.compare import build_report
@@ -29,12 +29,18 @@ def train(recipe: str | Path | Any, overrides: Iterable[str] = (), resume: bool 
 
     ``init(prepared)`` runs after the model is built and before anything is written, e.g. to load a
     fused delta module as the starting point (:mod:`deltakd.transfer`); it is skipped on resume
-    (the checkpoint holds the weights). See :mod:`deltakd.runner.lifecycle` for the steps."""
+    (the checkpoint holds the weights). See :mod:`deltakd.runner.lifecycle` for the steps.
+
+    A run whose training diverged (:mod:`deltakd.runner.divergence`) raises :class:`DivergedError`
+    after its ``results.json`` (with ``diverged``) is written."""
     if isinstance(recipe, (str, Path)):
         recipe, fam = families.load(recipe, overrides)
     else:
         fam = families.family_of(recipe)
-    return lifecycle.run(recipe, fam, resume=resume, init=init)
+    results = lifecycle.run(recipe, fam, resume=resume, init=init)
+    if results is not None and results.get("diverged"):
+        raise DivergedError(results["diverged"]["message"])
+    return results
 
 
 def load_recipe(path: str | Path, overrides: Iterable[str] = (), check_files: bool = True) -> Any:

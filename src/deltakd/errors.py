@@ -8,3 +8,12 @@ class DeltakdError(Exception):
     """
 
     exit_code = 2
+
+
+class DivergedError(DeltakdError):
+    """Training diverged (a non-finite loss or gradient norm); raised after ``results.json`` is written.
+
+    The CLI prints the one line and exits with code 3.
+    """
+
+    exit_code = 3

@@ -3,7 +3,8 @@
 A stage is skipped when a finished run of it has the same resolved recipe (the description
 aside) and was initialised from the run ``init_from`` resolves to now (so re-training an earlier
 stage re-trains what follows); a finished but untested run is tested; an unfinished run of the
-same recipe is resumed from its last complete checkpoint.
+same recipe is resumed from its last complete checkpoint. A stage whose training diverged (its
+run, new or found) stops the pipeline with :class:`DivergedError`: no later stage starts from it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from .errors import DeltakdError
+from .errors import DeltakdError, DivergedError
 from .multistage.family import MultistageFamily, evaluate_run
 from .multistage.recipe import MultistageRecipe
 from .multistage.stage import resolve_init
@@ -42,8 +43,14 @@ def _init_key(recipe: MultistageRecipe) -> str | None:
 
 def train_stage_recipe(recipe: MultistageRecipe, resume: bool = False, test: bool = True) -> StageOutcome:
     """One stage: a new run (or, with ``resume``, the newest unfinished run of the same recipe)."""
-    results = lifecycle.run(recipe, FAMILY, resume=resume, test=test)
+    results = _not_diverged(lifecycle.run(recipe, FAMILY, resume=resume, test=test))
     return StageOutcome(recipe.name, "resumed" if resume else "trained", Path(results.run_dir), results)
+
+
+def _not_diverged(results: RunResults) -> RunResults:
+    if results.get("diverged"):
+        raise DivergedError(f"pipeline stage '{results.name}' ({results.run_dir}): {results['diverged']['message']}")
+    return results
 
 
 def run_pipeline(recipes: Iterable[str | Path], overrides: Iterable[str] = (), init_from: str | None = None,
@@ -82,12 +89,13 @@ def _pipeline_stage(recipe: MultistageRecipe, test: bool, force: bool) -> StageO
             results = run.read_results()
             if results.get("init_from") != upstream:
                 continue
+            _not_diverged(results)  # a rerun names it again (--force trains it anew)
             if test and not results.get("tested"):
                 evaluate_run(run, FAMILY)
                 return StageOutcome(recipe.name, "tested", run.path, run.read_results())
             return StageOutcome(recipe.name, "skipped", run.path, results)
         unfinished = [r for r in same if not r.finished]
         if unfinished:
-            results = lifecycle.run(recipe, FAMILY, resume=True, test=test, run_dir=unfinished[-1])
+            results = _not_diverged(lifecycle.run(recipe, FAMILY, resume=True, test=test, run_dir=unfinished[-1]))
             return StageOutcome(recipe.name, "resumed", unfinished[-1].path, results)
     return train_stage_recipe(recipe, test=test)

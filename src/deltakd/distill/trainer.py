@@ -45,17 +45,21 @@ def freeze(teacher: nn.Module) -> nn.Module:
 
 class TermLoggingTrainer(Trainer):
     """A ``transformers.Trainer`` that logs each term of a weighted loss on its own: at every log,
-    the mean of each term since the previous log, as ``loss_<term>`` (subclasses call ``record_terms``)."""
+    the mean of each term since the previous log, as ``loss_<term>`` (subclasses call ``record_terms``);
+    ``last_terms``: the latest training step's terms (the divergence guard names a non-finite one)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._term_sums: dict[str, float] = defaultdict(float)
         self._term_count = 0
+        self.last_terms: dict[str, float] = {}  # the latest step's terms (a new dict each step)
 
     def record_terms(self, terms: dict[str, torch.Tensor]) -> None:
-        for k, v in terms.items():
-            self._term_sums[k] += float(v.detach())
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        for k, v in values.items():
+            self._term_sums[k] += v
         self._term_count += 1
+        self.last_terms = values
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._term_count and "loss" in logs:

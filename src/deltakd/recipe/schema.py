@@ -304,6 +304,8 @@ class TrainConfig(Strict):
     eval_every: Literal["epoch"] | Annotated[int, Field(gt=0)] = "epoch"
     save_every: Literal["eval"] | Annotated[int, Field(gt=0)] = "eval"
     early_stop: int | None = Field(default=None, gt=0, description="patience, in evaluations")
+    nan_patience: int = Field(default=0, ge=0, description="consecutive optimizer steps with a non-finite loss "
+                              "(or gradient norm) tolerated before the run stops as diverged; 0: stop at the first")
     metric_for_best: str | None = None
     logging_steps: int = Field(default=10, gt=0)
     save_total_limit: int = Field(default=2, ge=1)

@@ -7,7 +7,7 @@ import io
 import json
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 from .format import fmt_num, fmt_value, lower_is_better, markdown_table, setting_label, short_keys
@@ -67,6 +67,7 @@ class SweepSummary:
     settings: list[SettingStats]
     ranked_by: str | None  # the column the best setting was chosen on
     missing: list[str]  # trials without a finished run
+    diverged: list[str] = field(default_factory=list)  # "<trial> (step N: <term> <value>)", left out of the stats
 
     def best(self) -> list[SettingStats]:
         return [s for s in self.settings if s.best]
@@ -101,8 +102,11 @@ def summarize(name: str, trials: Sequence[Trial], seed_key: str = SEED_KEY) -> S
     losses and perplexity), one per ``peft.method`` when the grid varies the method. Without a
     valid split the test metric is used, and the summary says so.
     """
-    done = [t for t in trials if t.run is not None]
+    finished = [t for t in trials if t.run is not None]
     missing = [t.name for t in trials if t.run is None]
+    diverged = [f"{t.name} (step {d.get('step')}: {d.get('term')} {d.get('value')})" for t in finished
+                if (d := t.run.results.get("diverged"))]  # type: ignore[union-attr]
+    done = [t for t in finished if not t.run.results.get("diverged")]  # type: ignore[union-attr]
     keys: list[str] = []
     for t in trials:
         keys += [k for k in t.setting if k != seed_key and k not in keys]
@@ -134,7 +138,7 @@ def summarize(name: str, trials: Sequence[Trial], seed_key: str = SEED_KEY) -> S
                 tie = ranked_by.split("_", 1)[0] + "_loss"
                 max(scored, key=lambda s: (sign * s.mean[ranked_by], -s.mean.get(tie, 0.0)
                                            if not math.isnan(s.mean.get(tie, 0.0)) else -math.inf)).best = True
-    return SweepSummary(name, keys, main, columns, settings, ranked_by, missing)
+    return SweepSummary(name, keys, main, columns, settings, ranked_by, missing, diverged)
 
 
 def pm(mean: float, std: float) -> str:
@@ -213,6 +217,9 @@ def summary_markdown(summary: SweepSummary, grid: dict[str, list[Any]] | None = 
     parts += [f"- {line}" for line in best_lines(summary)]
     if summary.missing:
         parts += ["", f"Not finished ({len(summary.missing)}): " + ", ".join(f"`{m}`" for m in summary.missing)]
+    if summary.diverged:
+        parts += ["", f"Diverged, left out of the statistics ({len(summary.diverged)}): "
+                  + ", ".join(f"`{m}`" for m in summary.diverged)]
     if chart:
         parts += ["", f"![{summary.name}]({chart})"]
     return "\n".join(parts) + "\n"

@@ -39,6 +39,7 @@ def training_arguments(t: TrainConfig, run: RunDir, report_to: list[str], metric
         metric_for_best_model=metric if has_eval else None,
         greater_is_better=not metric.endswith(("loss", "mse")),
         logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # log a NaN loss as NaN; runner.divergence stops the run
         report_to=report_to or "none",
         bf16=t.bf16,
         fp16=t.fp16,

@@ -28,6 +28,7 @@ from ..trackers import check_trackers, tracker_callbacks
 from ..utils import cpu_only
 from .callbacks import MetricsLogCallback
 from .checkpoints import checkpoint_step, keep_best_and_last, last_complete_checkpoint
+from .divergence import DivergenceGuard, finish_diverged, nonfinite_metric_warnings
 from .family import Family, Prepared, read_recipe_data
 
 
@@ -124,16 +125,20 @@ def train(prep: Prepared, family: Family, run: RunDir, resume: bool = False, is_
     family.before_training(prep)
     report_to, callbacks = tracker_callbacks(recipe.track, run.path, recipe.output_dir)
     args = family.arguments(prep, run, report_to)
-    cbs = [MetricsLogCallback(run), *callbacks]
+    guard = DivergenceGuard(recipe.train.nan_patience)
+    cbs = [MetricsLogCallback(run), guard, *callbacks]
     if recipe.train.early_stop and args.eval_strategy != "no":
         cbs.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stop))
-    trainer = family.make_trainer(prep, args, cbs)
+    trainer = guard.attach(family.make_trainer(prep, args, cbs))
     checkpoint = last_complete_checkpoint(run.checkpoints, prune=is_main) if resume else None
     if checkpoint and is_main:
         run.truncate_events(checkpoint_step(checkpoint))
     out = trainer.train(resume_from_checkpoint=checkpoint)
+    if guard.diverged is not None:  # model/ from the newest finite checkpoint, results name the step
+        return finish_diverged(prep, family, trainer, run, guard.diverged, started, checkpoint, is_main)
     train_seconds = time.time() - started
     metrics, speed = family.evaluate(prep, trainer)  # every process takes part
+    nonfinite_metric_warnings(metrics)
     if not is_main:
         return None
     ckpt_info = keep_best_and_last(run, trainer.state.best_model_checkpoint)
