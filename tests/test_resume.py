@@ -1,0 +1,95 @@
+"""--resume: exact continuation (distillation projections, teacher cache), damaged checkpoints,
+finished-but-unrecorded runs, and teacher runs that never finished."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deltakd import api
+from deltakd.runs import RunDir
+
+from .conftest import sentiment_rows, write_recipe, write_tsv
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("toy-resume")
+    write_tsv(d / "train.tsv", sentiment_rows(400, 1))
+    write_tsv(d / "dev.tsv", sentiment_rows(100, 2))
+    return d
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory, tiny_bert, toy) -> dict:
+    folder = tmp_path_factory.mktemp("resume-teacher")
+    return api.train(write_recipe(folder / "teacher.yaml", f"""
+name: teacher
+output_dir: {folder / 'runs'}
+task: {{name: sst2, data_dir: {toy}, resplit_valid: 0.2, max_length: 16}}
+model: {{name: {tiny_bert}}}
+peft: {{method: full}}
+train: {{epochs: 1, lr: 5.0e-3, batch_size: 16, seed: 3, logging_steps: 5}}
+"""))
+
+
+def _student(folder: Path, teacher: dict, toy: Path, name: str, distill: str) -> Path:
+    """Two epochs of 20 steps, a checkpoint every 10 (all kept)."""
+    return write_recipe(folder / f"{name}.yaml", f"""
+name: {name}
+output_dir: {folder / 'runs'}
+task: {{name: sst2, data_dir: {toy}, resplit_valid: 0.2, max_length: 16}}
+teacher: {{run: {teacher['run_dir']}}}
+student: {{from_teacher: {{layers: [1]}}}}
+peft: {{method: full}}
+distill: {distill}
+train: {{epochs: 2, eval_every: 10, save_total_limit: 5, lr: 5.0e-3, batch_size: 16, seed: 5, logging_steps: 2}}
+""")
+
+
+def _killed_between_checkpoints(recipe: Path, monkeypatch) -> RunDir:
+    """Train ``recipe``, crash after training, and drop the newest checkpoint's state file (a kill mid-save)."""
+    import deltakd.runner.lifecycle as lifecycle
+
+    def crash(*a, **k):
+        raise RuntimeError("killed after training")
+
+    with monkeypatch.context() as m:
+        m.setattr(lifecycle, "keep_best_and_last", crash)
+        with pytest.raises(RuntimeError, match="killed after training"):
+            api.train(recipe)
+    [run] = [r for r in (recipe.parent / "runs" / recipe.stem).iterdir() if not (r / "results.json").exists()]
+    steps = sorted(int(c.name.split("-")[1]) for c in (run / "checkpoints").glob("checkpoint-*"))
+    assert steps == [10, 20, 30, 40]
+    (run / "checkpoints" / "checkpoint-40" / "trainer_state.json").unlink()
+    return RunDir(run)
+
+
+def _tensors(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    last = Path(run_dir) / "checkpoints" / "last"
+    out = {f"model.{k}": v for k, v in load_file(str(last / "model.safetensors")).items()}
+    if (last / "distill_heads.safetensors").is_file():
+        out.update({f"heads.{k}": v for k, v in load_file(str(last / "distill_heads.safetensors")).items()})
+    return out
+
+
+@pytest.mark.parametrize("name, distill", [
+    ("railc", "{losses: {ce: 0.34, kd: 0.33, rail_c: 0.33}, layer_map: {mode: random, k: 1}}"),
+    ("kd", "{losses: {ce: 0.5, kd: 0.5}}"),
+])
+def test_a_killed_distillation_resumes_exactly(tmp_path, teacher_run, toy, monkeypatch, name, distill):
+    recipe = _student(tmp_path, teacher_run, toy, name, distill)
+    reference = api.train(recipe)
+    assert reference["distill"]["teacher_cache"] and reference["distill"]["teacher_forwards"] == 0
+    run = _killed_between_checkpoints(recipe, monkeypatch)
+    resumed = api.train(recipe, resume=True)
+    assert Path(resumed["run_dir"]) == run.path and resumed["resumed_from"] == "checkpoint-30"
+    ref, res = _tensors(reference["run_dir"]), _tensors(run.path)
+    assert set(ref) == set(res) and (name != "railc" or "heads.rail_c.weight" in ref)
+    diffs = {k: float((ref[k] - res[k]).abs().max()) for k in ref}
+    assert max(diffs.values()) == 0.0, {k: d for k, d in diffs.items() if d}
+    assert resumed["metrics"] == reference["metrics"]
