@@ -93,3 +93,64 @@ def test_a_killed_distillation_resumes_exactly(tmp_path, teacher_run, toy, monke
     diffs = {k: float((ref[k] - res[k]).abs().max()) for k in ref}
     assert max(diffs.values()) == 0.0, {k: d for k, d in diffs.items() if d}
     assert resumed["metrics"] == reference["metrics"]
+
+
+# --- damaged checkpoints ------------------------------------------------------------------------
+
+CKPT_FILES = ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"]
+
+
+def _crashed_plain_run(tmp_path: Path, tiny_bert: Path, toy_task: Path, monkeypatch) -> tuple[Path, RunDir]:
+    """A full fine-tuning of 40 steps, checkpoints every 10, crashed after training (all checkpoints kept)."""
+    import deltakd.runner.lifecycle as lifecycle
+
+    from .test_train import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path, tiny_bert, toy_task, train=", max_steps: 40, eval_every: 10, save_total_limit: 5")
+
+    def crash(*a, **k):
+        raise RuntimeError("killed after training")
+
+    with monkeypatch.context() as m:
+        m.setattr(lifecycle, "keep_best_and_last", crash)
+        with pytest.raises(RuntimeError, match="killed after training"):
+            api.train(recipe)
+    [run] = list((tmp_path / "runs" / "tiny").iterdir())
+    return recipe, RunDir(run)
+
+
+def _cut(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_every_checkpoint_has_a_manifest_and_a_damaged_one_is_skipped_not_deleted(tmp_path, tiny_bert, toy_task,
+                                                                                   monkeypatch, caplog):
+    import shutil
+
+    from deltakd.runner.checkpoints import MANIFEST, last_complete_checkpoint
+    from deltakd.utils import file_digest
+
+    recipe, run = _crashed_plain_run(tmp_path, tiny_bert, toy_task, monkeypatch)
+    ckpt = run.checkpoints / "checkpoint-40"
+    files = json.loads((ckpt / MANIFEST).read_text())["files"]
+    assert set(CKPT_FILES) <= set(files)
+    assert all(files[f] == {"size": (ckpt / f).stat().st_size, "sha256": file_digest(ckpt / f)} for f in CKPT_FILES)
+    for name in CKPT_FILES:  # any file of the newest checkpoint cut short: the one before it is used
+        copy = tmp_path / "copies" / name
+        shutil.copytree(run.checkpoints, copy)
+        _cut(copy / "checkpoint-40" / name)
+        caplog.clear()
+        assert last_complete_checkpoint(copy) == str(copy / "checkpoint-30"), name
+        assert (copy / "checkpoint-40" / name).is_file(), f"{name}: the damaged checkpoint was deleted"
+        [line] = [r.getMessage() for r in caplog.records if "--resume" in r.getMessage()]
+        assert "resuming from checkpoint-30" in line and f"checkpoint-40 ({name}" in line, line
+    # end to end: a cut optimizer state is no traceback; the run resumes from the checkpoint before
+    _cut(ckpt / "optimizer.pt")
+    caplog.clear()
+    resumed = api.train(recipe, resume=True)
+    assert resumed["resumed_from"] == "checkpoint-30" and resumed["train_steps"] == 40
+    assert any("skipped damaged checkpoint-40 (optimizer.pt" in r.getMessage() for r in caplog.records)
+    assert int(resumed["last_step"]) == 40 and not list(run.checkpoints.glob("checkpoint-*"))
+    steps = [e["step"] for e in run.read_events() if "loss" in e]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))

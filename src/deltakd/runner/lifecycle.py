@@ -24,7 +24,7 @@ from ..runs.rundir import runs_of
 from ..trackers import check_trackers, tracker_callbacks
 from ..utils import cpu_only
 from .callbacks import MetricsLogCallback
-from .checkpoints import checkpoint_step, keep_best_and_last, last_complete_checkpoint
+from .checkpoints import ManifestCallback, checkpoint_step, keep_best_and_last, last_complete_checkpoint
 from .family import Family, Prepared, read_recipe_data
 
 
@@ -89,13 +89,13 @@ def train(prep: Prepared, family: Family, run: RunDir, resume: bool = False, is_
     family.before_training(prep)
     report_to, callbacks = tracker_callbacks(recipe.track, run.path, recipe.output_dir)
     args = family.arguments(prep, run, report_to)
-    cbs = [MetricsLogCallback(run), *callbacks]
+    cbs = [MetricsLogCallback(run), ManifestCallback(), *callbacks]
     if recipe.train.early_stop and args.eval_strategy != "no":
         cbs.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stop))
     trainer = family.make_trainer(prep, args, cbs)
-    checkpoint = last_complete_checkpoint(run.checkpoints, prune=is_main) if resume else None
-    if checkpoint and is_main:
-        run.truncate_events(checkpoint_step(checkpoint))
+    checkpoint = last_complete_checkpoint(run.checkpoints, warn=is_main) if resume else None
+    if resume and is_main:
+        run.truncate_events(checkpoint_step(checkpoint) if checkpoint else 0)
     out = trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.time() - started
     metrics, speed = family.evaluate(prep, trainer)  # every process takes part
