@@ -4,6 +4,7 @@ finished-but-unrecorded runs, and teacher runs that never finished."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -126,8 +127,6 @@ def _cut(path: Path) -> None:
 
 def test_every_checkpoint_has_a_manifest_and_a_damaged_one_is_skipped_not_deleted(tmp_path, tiny_bert, toy_task,
                                                                                    monkeypatch, caplog):
-    import shutil
-
     from deltakd.runner.checkpoints import MANIFEST, last_complete_checkpoint
     from deltakd.utils import file_digest
 
@@ -154,3 +153,26 @@ def test_every_checkpoint_has_a_manifest_and_a_damaged_one_is_skipped_not_delete
     assert int(resumed["last_step"]) == 40 and not list(run.checkpoints.glob("checkpoint-*"))
     steps = [e["step"] for e in run.read_events() if "loss" in e]
     assert steps == sorted(steps) and len(steps) == len(set(steps))
+
+
+# --- a trained run without results.json ----------------------------------------------------------
+
+def test_resume_never_retrains_a_trained_run_whose_results_were_removed(tmp_path, tiny_bert, toy_task):
+    from deltakd.errors import DeltakdError
+
+    from .test_train import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path, tiny_bert, toy_task, train=", max_steps: 10")
+    results = api.train(recipe)
+    run = RunDir(Path(results["run_dir"]))
+    run.results_file.unlink()
+    events = run.metrics_file.read_text()
+    with pytest.raises(DeltakdError, match=r"finished training \(checkpoints/last and model exist\) but has no "
+                                           r"results.json; it is not retrained") as err:
+        api.train(recipe, resume=True)
+    assert "\n" not in str(err.value) and f"deltakd eval {run.path}" in str(err.value)
+    assert run.metrics_file.read_text() == events and not list(run.checkpoints.glob("checkpoint-*"))
+    assert sorted(p.name for p in run.path.parent.iterdir()) == [run.path.name]  # no new run either
+    shutil.rmtree(run.model_dir)  # only checkpoints/last left (killed before model/ was saved): refused too
+    with pytest.raises(DeltakdError, match=r"\(checkpoints/last exist\)"):
+        api.train(recipe, resume=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..errors import DeltakdError
 from ..runs import RunDir
 from ..utils import atomic_write_json, file_digest
 
@@ -77,6 +78,16 @@ def last_complete_checkpoint(folder: Path, warn: bool = True) -> str | None:
         start = f"resuming from {Path(found).name}" if found else "no sound checkpoint, training from step 0"
         logger.warning(f"--resume: {start}; skipped damaged {', '.join(skipped)} (left on disk)")
     return found
+
+
+def check_not_trained(run: RunDir) -> None:
+    """One line if ``run`` finished training (``checkpoints/last`` or ``model/`` exist) but has no
+    results.json: resuming it would train again from step 0 into the same folder."""
+    done = [p.relative_to(run.path).as_posix() for p in (run.checkpoints / "last", run.model_dir) if p.is_dir()]
+    if done:
+        raise DeltakdError(f"--resume: run '{run.path}' finished training ({' and '.join(done)} exist) but has no "
+                           f"results.json; it is not retrained: evaluate its model with `deltakd eval {run.path}`, "
+                           f"or train anew without --resume")
 
 
 class ManifestCallback(TrainerCallback):

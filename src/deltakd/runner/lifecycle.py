@@ -24,7 +24,8 @@ from ..runs.rundir import runs_of
 from ..trackers import check_trackers, tracker_callbacks
 from ..utils import cpu_only
 from .callbacks import MetricsLogCallback
-from .checkpoints import ManifestCallback, checkpoint_step, keep_best_and_last, last_complete_checkpoint
+from .checkpoints import (ManifestCallback, check_not_trained, checkpoint_step, keep_best_and_last,
+                          last_complete_checkpoint)
 from .family import Family, Prepared, read_recipe_data
 
 
@@ -70,6 +71,8 @@ def run(recipe: Any, family: Family, resume: bool = False, init: Callable[[Prepa
     run = run_dir
     if resume and run is None:
         run = resumable_run(recipe, family)
+    if resume:
+        check_not_trained(run)  # never train a trained run again from step 0
     prep = family.prepare(recipe)  # bad data or model fails here, before anything is written
     if init is not None and not resume:
         init(prep)
