@@ -176,3 +176,26 @@ def test_resume_never_retrains_a_trained_run_whose_results_were_removed(tmp_path
     shutil.rmtree(run.model_dir)  # only checkpoints/last left (killed before model/ was saved): refused too
     with pytest.raises(DeltakdError, match=r"\(checkpoints/last exist\)"):
         api.train(recipe, resume=True)
+
+
+# --- teacher.run must be a finished run, in every form ------------------------------------------
+
+def test_teacher_run_accepts_only_finished_runs_in_every_form(tmp_path, teacher_run, toy):
+    from deltakd.errors import DeltakdError
+    from deltakd.models.delta import find_model_dir
+
+    done = Path(teacher_run["run_dir"])
+    assert find_model_dir(done) == done / "model" and find_model_dir(done / "model") == done / "model"
+    unfinished = tmp_path / "teachers" / "teacher" / done.name
+    shutil.copytree(done, unfinished)
+    (unfinished / "results.json").unlink()
+    for form in (unfinished, unfinished / "model", unfinished.parent):
+        recipe = _student(tmp_path, {"run_dir": form}, toy, "student", "{losses: {ce: 0.5, kd: 0.5}}")
+        with pytest.raises(DeltakdError, match="teacher.run: ") as err:
+            api.train(recipe)
+        assert "\n" not in str(err.value)
+        assert ("has not finished (no results.json)" if form != unfinished.parent
+                else "holds no finished deltakd run") in str(err.value), str(err.value)
+        assert not (tmp_path / "runs").exists(), "nothing written"
+    shutil.copytree(done / "model", tmp_path / "plain-model")  # a saved model folder outside any run: accepted
+    assert find_model_dir(tmp_path / "plain-model") == tmp_path / "plain-model"
