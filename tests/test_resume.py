@@ -54,7 +54,7 @@ train: {{epochs: 2, eval_every: 10, save_total_limit: 5, lr: 5.0e-3, batch_size:
 
 def _killed_between_checkpoints(recipe: Path, monkeypatch) -> RunDir:
     """Train ``recipe``, crash after training, and drop the newest checkpoint's state file (a kill mid-save)."""
-    import deltakd.runner.lifecycle as lifecycle
+    from deltakd.runner import lifecycle
 
     def crash(*a, **k):
         raise RuntimeError("killed after training")
@@ -103,7 +103,7 @@ CKPT_FILES = ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pt
 
 def _crashed_plain_run(tmp_path: Path, tiny_bert: Path, toy_task: Path, monkeypatch) -> tuple[Path, RunDir]:
     """A full fine-tuning of 40 steps, checkpoints every 10, crashed after training (all checkpoints kept)."""
-    import deltakd.runner.lifecycle as lifecycle
+    from deltakd.runner import lifecycle
 
     from .test_train import tiny_recipe
 
