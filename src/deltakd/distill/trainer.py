@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..losses import table
@@ -41,6 +41,21 @@ def freeze(teacher: nn.Module) -> nn.Module:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+class ZeroHeadGrads(TrainerCallback):
+    """Clear the projections' gradients where the Trainer clears the model's (``model.zero_grad()`` at
+    the start and after every optimizer step): the heads are not part of the model, so without this
+    their gradients would add up over all steps, and a resumed run (fresh, zero gradients) would differ."""
+
+    def __init__(self, heads: nn.Module) -> None:
+        self.heads = heads
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.heads.zero_grad(set_to_none=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.heads.zero_grad(set_to_none=True)
 
 
 class TermLoggingTrainer(Trainer):
@@ -94,6 +109,8 @@ class DistillTrainer(TermLoggingTrainer):
         self.cache = cache
         self.lora_modules = tuple(lora_modules)
         self.teacher_forwards = 0  # live teacher calls, for tests and benchmarks
+        if self.heads is not None:
+            self.add_callback(ZeroHeadGrads(self.heads))
 
     # --- optimizer and checkpoints: the heads train and resume with the student ---------------
 

@@ -29,7 +29,7 @@ from ..recipe.schema import (
     PromptPeft,
     PTuningPeft,
 )
-from ..runs import finished_runs
+from ..runs import RunDir, finished_runs
 from ..utils import atomic_write_json, replace_dir
 from .bottleneck import BottleneckSpec, add_bottleneck_adapters, load_bottleneck, save_bottleneck
 from .hub import load_pretrained, resolve_model_path
@@ -301,10 +301,15 @@ def load_trained(directory: str | Path, merged: bool = False) -> tuple[torch.nn.
 
 
 def find_model_dir(path: str | Path, what: str = "teacher.run") -> Path:
-    """``model/`` of a run directory, of the newest finished run under a recipe's folder, or itself."""
+    """``model/`` of a finished run directory, of the newest finished run under a recipe's folder,
+    or itself (a saved model folder: a run's ``model/`` counts only when that run finished)."""
     path = Path(path)
     for cand in (path, path / "model"):
         if (cand / META_FILE).is_file():
+            run = RunDir(cand.parent)
+            if cand.name == "model" and run.recipe_file.is_file() and not run.finished:
+                raise DeltakdError(f"{what}: run '{run.path}' has not finished (no results.json); "
+                                   f"resume it with --resume or name a finished run")
             return cand
     finished = [r for r in finished_runs(path) if (r.model_dir / META_FILE).is_file()]
     if finished:

@@ -27,7 +27,8 @@ from ..runs.rundir import runs_of
 from ..trackers import check_trackers, tracker_callbacks
 from ..utils import cpu_only
 from .callbacks import MetricsLogCallback
-from .checkpoints import checkpoint_step, keep_best_and_last, last_complete_checkpoint
+from .checkpoints import (ManifestCallback, check_not_trained, checkpoint_step, keep_best_and_last,
+                          last_complete_checkpoint)
 from .divergence import DivergenceGuard, finish_diverged, nonfinite_metric_warnings
 from .family import Family, Prepared, read_recipe_data
 
@@ -102,6 +103,8 @@ def run(recipe: Any, family: Family, resume: bool = False, init: Callable[[Prepa
     if resume or run is not None:  # held by the main process until results.json is written
         run, lock = claim(run, recipe, family, state)
     try:
+        if resume:
+            check_not_trained(run)  # never train a trained run again from step 0
         prep = family.prepare(recipe)  # bad data or model fails here, before anything is written
         if init is not None and not resume:
             init(prep)
@@ -126,13 +129,13 @@ def train(prep: Prepared, family: Family, run: RunDir, resume: bool = False, is_
     report_to, callbacks = tracker_callbacks(recipe.track, run.path, recipe.output_dir)
     args = family.arguments(prep, run, report_to)
     guard = DivergenceGuard(recipe.train.nan_patience)
-    cbs = [MetricsLogCallback(run), guard, *callbacks]
+    cbs = [MetricsLogCallback(run), guard, ManifestCallback(), *callbacks]
     if recipe.train.early_stop and args.eval_strategy != "no":
         cbs.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stop))
     trainer = guard.attach(family.make_trainer(prep, args, cbs))
-    checkpoint = last_complete_checkpoint(run.checkpoints, prune=is_main) if resume else None
-    if checkpoint and is_main:
-        run.truncate_events(checkpoint_step(checkpoint))
+    checkpoint = last_complete_checkpoint(run.checkpoints, warn=is_main) if resume else None
+    if resume and is_main:
+        run.truncate_events(checkpoint_step(checkpoint) if checkpoint else 0)
     out = trainer.train(resume_from_checkpoint=checkpoint)
     if guard.diverged is not None:  # model/ from the newest finite checkpoint, results name the step
         return finish_diverged(prep, family, trainer, run, guard.diverged, started, checkpoint, is_main)
