@@ -116,15 +116,18 @@ def cached_dir(root: Path, key: str, build: Callable[[Path], None], ready: str) 
     """``root/key``, built once by ``build(tmp_dir)`` and published by an atomic rename.
 
     ``ready`` names a file whose presence marks a complete entry; readers of a complete entry take
-    no lock. Builders of the same key take turns on ``root/.<key>.lock`` (``flock``, dropped by the OS
-    if a builder dies): the first builds, the others wait and then read its entry. A folder without
-    ``ready`` (left by something other than this function) is replaced.
+    no lock. Builders of the same key take turns on ``<root's parent>/.locks/<root name>-<key>.lock``
+    (``flock``, dropped by the OS if a builder dies; kept out of ``root`` so that it holds entries
+    only): the first builds, the others wait and then read its entry. A folder without ``ready``
+    (left by something other than this function) is replaced.
     """
     path = Path(root) / key
     if (path / ready).is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{key}.lock", "a") as lock:
+    locks = path.parent.parent / ".locks"
+    locks.mkdir(exist_ok=True)
+    with open(locks / f"{path.parent.name}-{key}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if (path / ready).is_file():  # built by the builder we waited for
             return path
