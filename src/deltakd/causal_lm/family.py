@@ -14,7 +14,7 @@ from ..data.lm import get_or_train_tokenizer, lm_blocks_cached, read_texts
 from ..errors import DeltakdError
 from ..models.causal_lm import lm_config
 from ..models.delta import Head, load_teacher
-from ..models.hub import load_pretrained
+from ..models.hub import load_pretrained, resolve_model_path
 from ..recipe import Recipe
 from ..runner import Prepared
 from ..runner.transformers_family import TransformersFamily
@@ -42,7 +42,7 @@ class CausalLMFamily(TransformersFamily):
     name = "lm"
 
     def prepare(self, recipe: Recipe) -> Prepared:
-        """Token blocks, tokenizer (given, the teacher's, or BPE trained on the data), model."""
+        """Token blocks, tokenizer (given, the model's, the teacher's, or BPE trained on the data), model."""
         set_seed(recipe.train.seed)
         cfg = recipe.task
         if cfg.dialogue is None and (not cfg.train_file or not cfg.valid_file):
@@ -50,7 +50,13 @@ class CausalLMFamily(TransformersFamily):
         texts, files = _texts(recipe)
         teacher = None
         if recipe.teacher is not None:
-            teacher, tokenizer = load_teacher(recipe.teacher, causal_lm=True)
+            teacher, teacher_tokenizer = load_teacher(recipe.teacher, causal_lm=True)
+            if teacher_tokenizer.pad_token is None:  # as the student's own gets it (data.lm)
+                teacher_tokenizer.pad_token = teacher_tokenizer.eos_token
+            own = recipe.model.tokenizer or (resolve_model_path(recipe.model.name) if recipe.model.config is None
+                                              else None)  # a student from a config alone: the teacher's
+            load_own = (lambda: get_or_train_tokenizer(own, (), recipe.model.vocab_size)) if own else None
+            tokenizer = self.student_tokenizer(recipe, teacher_tokenizer, load_own)
         else:
             tokenizer = get_or_train_tokenizer(recipe.model.tokenizer, texts["train"], recipe.model.vocab_size)
         datasets = {split: lm_blocks_cached(t, tokenizer, cfg.block_size) for split, t in texts.items()}

@@ -26,9 +26,10 @@ class ClassificationFamily(TransformersFamily):
         head = Head(task.num_labels, task.labels)
         teacher = None
         if recipe.teacher is not None:
-            teacher, tokenizer = load_teacher(recipe.teacher, causal_lm=False)
+            teacher, teacher_tokenizer = load_teacher(recipe.teacher, causal_lm=False)
             if getattr(teacher.config, "num_labels", None) != head.num_labels:
                 raise DeltakdError(f"teacher: predicts {teacher.config.num_labels} labels, the task has {head.num_labels}")
+            tokenizer = self.student_tokenizer(recipe, teacher_tokenizer, lambda: load_tokenizer(recipe.model))
         else:
             tokenizer = load_tokenizer(recipe.model)
         datasets = {name: tokenize_examples(exs, tokenizer, recipe.task.max_length) for name, exs in task.splits.items()}

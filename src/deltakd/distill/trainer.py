@@ -90,6 +90,8 @@ class DistillTrainer(TermLoggingTrainer):
 
     ``kind`` is ``"classification"`` (logits (B, C)) or ``"lm"`` (logits (B, L, V), next-token).
     Evaluation reports the student's own loss (cross-entropy), as a user of the student sees it.
+    ``vocab``: the tokenizer's length; causal-LM logits of different widths (an embedding padded with
+    extra rows over the same tokenizer) are compared on their first ``vocab`` entries.
     ``heads`` (projections) train with the student: they join the optimizer as one more param
     group and are saved in every checkpoint, so a resumed run continues them too.
     """
@@ -97,7 +99,7 @@ class DistillTrainer(TermLoggingTrainer):
     def __init__(self, *args: Any, teacher: nn.Module, schedule: LossSchedule, kind: str, temperature: float = 2.0,
                  jsd_beta: float = 0.5, layer_map: LayerMap | None = None, heads: DistillHeads | None = None,
                  cache: TeacherCache | None = None, lora_modules: tuple[str, ...] = ("query", "key", "value"),
-                 **kwargs: Any) -> None:
+                 vocab: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.teacher = freeze(teacher).to(self.args.device)
         self.schedule = schedule
@@ -108,6 +110,7 @@ class DistillTrainer(TermLoggingTrainer):
         self.heads = heads.to(self.args.device) if heads is not None and not heads.empty else None
         self.cache = cache
         self.lora_modules = tuple(lora_modules)
+        self.vocab = vocab  # the shared tokenizer's length: lm logits of different widths compare up to it
         self.teacher_forwards = 0  # live teacher calls, for tests and benchmarks
         if self.heads is not None:
             self.add_callback(ZeroHeadGrads(self.heads))
@@ -170,7 +173,7 @@ class DistillTrainer(TermLoggingTrainer):
             kind=self.kind, student=student, labels=labels, teacher=teacher, teacher_logits=t_logits,
             teacher_pooled=t_pooled, mask=inputs.get("attention_mask"), normalizer=num_items_in_batch,
             temperature=self.temperature, jsd_beta=self.jsd_beta, pairs=pairs, heads=self.heads,
-            student_lora=s_cap, teacher_lora=t_cap))
+            student_lora=s_cap, teacher_lora=t_cap, vocab=self.vocab))
         loss = sum(weights[k] * v for k, v in terms.items())
         self.record_terms(terms)
         return (loss, student) if return_outputs else loss

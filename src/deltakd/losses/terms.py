@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from . import hidden, lm, logits, lora
 
+
 @dataclass
 class LossInputs:
     """Everything a compute function may read, for one training step.
@@ -38,11 +39,23 @@ class LossInputs:
     heads: Any = None  # DistillHeads: .hidden_proj(i), .rail_c, .rail_l
     student_lora: lora.LoraACapture | None = None
     teacher_lora: lora.LoraACapture | None = None
+    vocab: int | None = None  # lm: the shared tokenizer's length (logits of different widths compare up to it)
 
     @cached_property
     def token_mask(self) -> Tensor:
         """(B, L): positions whose next token is a target (lm)."""
         return lm.next_token_mask(self.labels)
+
+    @cached_property
+    def token_logits(self) -> tuple[Tensor, Tensor]:
+        """lm: student and teacher logits (B, L, V) over the same tokens. Of different widths (one
+        embedding padded with extra rows over the same tokenizer), both are cut to the tokenizer's
+        length (at most the narrower width); extra rows are never a target."""
+        s, t = self.student.logits, self.teacher_logits
+        if s.shape[-1] == t.shape[-1]:
+            return s, t
+        width = min(s.shape[-1], t.shape[-1], self.vocab or s.shape[-1])
+        return s[..., :width], t[..., :width]
 
     @cached_property
     def mapped_hidden(self) -> list[tuple[int, Tensor, Tensor]]:
@@ -77,17 +90,17 @@ def ce(x: LossInputs) -> Tensor:
 
 def kd(x: LossInputs) -> Tensor:
     if x.kind == "lm":
-        return lm.token_kl(x.student.logits, x.teacher_logits, x.temperature, x.token_mask, normalizer=x.normalizer)
+        return lm.token_kl(*x.token_logits, x.temperature, x.token_mask, normalizer=x.normalizer)
     return logits.kd_kl(x.student.logits, x.teacher_logits, x.temperature)
 
 
 def reverse_kl(x: LossInputs) -> Tensor:
-    return lm.token_kl(x.student.logits, x.teacher_logits, x.temperature, x.token_mask, reverse=True,
+    return lm.token_kl(*x.token_logits, x.temperature, x.token_mask, reverse=True,
                        normalizer=x.normalizer)
 
 
 def jsd(x: LossInputs) -> Tensor:
-    return lm.generalized_jsd(x.student.logits, x.teacher_logits, x.jsd_beta, x.temperature, x.token_mask,
+    return lm.generalized_jsd(*x.token_logits, x.jsd_beta, x.temperature, x.token_mask,
                               normalizer=x.normalizer)
 
 

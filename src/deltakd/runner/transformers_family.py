@@ -17,7 +17,8 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
 from ..data import TaskData
 from ..distill.schedule import CurriculumCallback
-from ..distill.setup import prepare_distill
+from ..distill.setup import make_schedule, prepare_distill
+from ..distill.tokenizers import check_tokenizers
 from ..distill.trainer import DistillTrainer
 from ..errors import DeltakdError
 from ..models.delta import count_parameters, load_trained, plain_copy, save_trained
@@ -59,6 +60,17 @@ class TransformersFamily(Family):
             student = type(student)(student.config)  # the same shape, freshly initialised
         return student, list(layers)
 
+    def student_tokenizer(self, recipe: Any, teacher_tokenizer: Any, own: Any) -> Any:
+        """The tokenizer the data is tokenised with: the teacher's for a student built from the teacher
+        (``own`` is None, or the recipe has ``student.from_teacher``), else the student's own (``own()``),
+        which must read ids as the teacher's does (checked here, before any work)."""
+        st = recipe.student
+        if own is None or (st is not None and st.from_teacher is not None):
+            return teacher_tokenizer
+        tokenizer = own()
+        check_tokenizers(tokenizer, teacher_tokenizer, make_schedule(recipe.distill).loss_names)
+        return tokenizer
+
     def distill_setup(self, prep: Prepared, copied: list[int] | None):
         """Validate the distillation recipe against the models; build layer map, projections, cache."""
         recipe = prep.recipe
@@ -78,7 +90,8 @@ class TransformersFamily(Family):
         return DistillTrainer(**self.trainer_kwargs(prep, args, callbacks), teacher=setup.teacher,
                               schedule=setup.schedule, kind="lm" if prep.head.causal_lm else "classification",
                               temperature=d.temperature, jsd_beta=d.jsd_beta, layer_map=setup.layer_map,
-                              heads=setup.heads, cache=setup.cache, lora_modules=tuple(d.lora_ild_modules))
+                              heads=setup.heads, cache=setup.cache, lora_modules=tuple(d.lora_ild_modules),
+                              vocab=len(prep.tokenizer))
 
     # --- the end of a run ----------------------------------------------------------------------
 

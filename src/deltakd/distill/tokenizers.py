@@ -1,0 +1,61 @@
+"""Tokenizer preflight for distillation: the student's data goes to the teacher as token ids, so
+both must read the same ids the same way.
+
+Tokenizers are compared, not the models' ``config.vocab_size``: a model whose embedding has extra
+(padding) rows over the same tokenizer passes. Different tokenizers are refused with one line before
+any work: logit losses would compare distributions over different vocabularies, hidden-state and
+attention losses token positions that do not align, and the teacher comparison would feed the
+teacher the student's ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from ..errors import DeltakdError
+from ..losses import table
+
+SPECIAL_IDS = ("pad_token_id", "eos_token_id", "bos_token_id", "cls_token_id", "sep_token_id", "unk_token_id")
+FIX = "use a student with the teacher's tokenizer (student.from_teacher, or a model.name that shares it)"
+
+
+def describe(tokenizer: Any) -> str:
+    """``'name_or_path' (N tokens)``, for error lines."""
+    return f"'{getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}' ({len(tokenizer)} tokens)"
+
+
+def tokenizer_difference(a: Any, b: Any) -> str | None:
+    """None when both map every token to the same id and use the same special tokens, else what
+    differs (``a``'s value first)."""
+    if a is b:
+        return None
+    a_vocab, b_vocab = a.get_vocab(), b.get_vocab()
+    if a_vocab != b_vocab:
+        if len(a_vocab) != len(b_vocab):
+            return f"{len(a_vocab)} vs {len(b_vocab)} tokens"
+        token = next(t for t in sorted(a_vocab) if a_vocab[t] != b_vocab.get(t))
+        return f"token {token!r} is id {a_vocab[token]} vs {b_vocab.get(token)}"
+    for attr in SPECIAL_IDS:
+        a_id, b_id = getattr(a, attr, None), getattr(b, attr, None)
+        if a_id != b_id:
+            return f"{attr} {a_id} vs {b_id}"
+    return None
+
+
+def check_tokenizers(student: Any, teacher: Any, losses: Iterable[str]) -> None:
+    """Refuse (one line) a teacher whose tokenizer differs from the student's, naming both and the fix."""
+    diff = tokenizer_difference(teacher, student)
+    if diff is None:
+        return
+    names = set(losses)
+    head = (f"teacher: its tokenizer {describe(teacher)} differs from the student's {describe(student)} "
+            f"({diff}, teacher vs student)")
+    if logit := table.needing(table.TEACHER_LOGITS, names):
+        why = f"distill.losses {', '.join(logit)} compare distributions over the teacher's vocabulary"
+    elif positions := tuple(n for n in table.LOSSES if n in names and table.LOSSES[n].needs):
+        why = f"distill.losses {', '.join(positions)} compare token positions, which do not align across tokenizers"
+    else:
+        why = "the teacher would read the student's token ids"
+    raise DeltakdError(f"{head}; {why}: {FIX}")
+
