@@ -1,11 +1,14 @@
-"""--resume: exact continuation (distillation projections, teacher cache), damaged checkpoints,
-finished-but-unrecorded runs, and teacher runs that never finished."""
+"""--resume: exact continuation (distillation projections, teacher cache, curriculum switching before
+or after the resume point, a live teacher, causal-LM distillation, multistage stages, a dialogue
+LoRA), damaged checkpoints, finished-but-unrecorded runs, and teacher runs that never finished."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from deltakd import api
 from deltakd.runs import RunDir
 
 from .conftest import sentiment_rows, write_recipe, write_tsv
+from .multistage.test_run import teacher_dir, world  # noqa: F401  (the tiny multistage world, as fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +58,12 @@ train: {{epochs: 2, eval_every: 10, save_total_limit: 5, lr: 5.0e-3, batch_size:
 
 def _killed_between_checkpoints(recipe: Path, monkeypatch) -> RunDir:
     """Train ``recipe``, crash after training, and drop the newest checkpoint's state file (a kill mid-save)."""
+    return _killed(lambda: api.train(recipe), recipe.parent / "runs" / recipe.stem, monkeypatch)
+
+
+def _killed(train: Callable[[], Any], runs: Path, monkeypatch) -> RunDir:
+    """Run ``train`` (its run lands in ``runs``), crash after training, and drop the newest checkpoint's
+    state file (a kill mid-save): the run resumes from checkpoint-30 of 40."""
     from deltakd.runner import lifecycle
 
     def crash(*a, **k):
@@ -62,8 +72,8 @@ def _killed_between_checkpoints(recipe: Path, monkeypatch) -> RunDir:
     with monkeypatch.context() as m:
         m.setattr(lifecycle, "keep_best_and_last", crash)
         with pytest.raises(RuntimeError, match="killed after training"):
-            api.train(recipe)
-    [run] = [r for r in (recipe.parent / "runs" / recipe.stem).iterdir() if not (r / "results.json").exists()]
+            train()
+    [run] = [r for r in runs.iterdir() if not (r / "results.json").exists()]
     steps = sorted(int(c.name.split("-")[1]) for c in (run / "checkpoints").glob("checkpoint-*"))
     assert steps == [10, 20, 30, 40]
     (run / "checkpoints" / "checkpoint-40" / "trainer_state.json").unlink()
@@ -71,29 +81,117 @@ def _killed_between_checkpoints(recipe: Path, monkeypatch) -> RunDir:
 
 
 def _tensors(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of checkpoints/last (model or adapter, projections), keyed ``<file>.<name>``."""
     last = Path(run_dir) / "checkpoints" / "last"
-    out = {f"model.{k}": v for k, v in load_file(str(last / "model.safetensors")).items()}
-    if (last / "distill_heads.safetensors").is_file():
-        out.update({f"heads.{k}": v for k, v in load_file(str(last / "distill_heads.safetensors")).items()})
-    return out
+    files = sorted(last.rglob("*.safetensors"))
+    assert files, f"no weights in {last}"
+    return {f"{f.relative_to(last).with_suffix('')}.{k}": v for f in files for k, v in load_file(str(f)).items()}
+
+
+def _max_differences(reference: str | Path, resumed: str | Path) -> dict[str, float]:
+    ref, res = _tensors(reference), _tensors(resumed)
+    assert set(ref) == set(res)
+    return {k: float((ref[k] - res[k]).abs().max()) for k in ref}
 
 
 @pytest.mark.parametrize("name, distill", [
     ("railc", "{losses: {ce: 0.34, kd: 0.33, rail_c: 0.33}, layer_map: {mode: random, k: 1}}"),
     ("kd", "{losses: {ce: 0.5, kd: 0.5}}"),
+    # curriculum (loss weights and lr) switching after the resume point (step 35 > 30) and before it (step 10)
+    ("curriculum_after", "{losses: {ce: 0.5, kd: 0.5}, curriculum: {at_epoch: 1.75, losses: {kd: 1.0}, lr: 1.0e-3}}"),
+    ("curriculum_before", "{losses: {ce: 0.5, kd: 0.5}, curriculum: {at_epoch: 0.5, losses: {kd: 1.0}, lr: 1.0e-3}}"),
+    # a live teacher: hidden_mse cannot use the cache (default layer map)
+    ("live_hidden", "{losses: {ce: 0.5, kd: 0.25, hidden_mse: 0.25}}"),
 ])
 def test_a_killed_distillation_resumes_exactly(tmp_path, teacher_run, toy, monkeypatch, name, distill):
     recipe = _student(tmp_path, teacher_run, toy, name, distill)
     reference = api.train(recipe)
-    assert reference["distill"]["teacher_cache"] and reference["distill"]["teacher_forwards"] == 0
+    live = name.startswith("live")
+    assert (reference["distill"]["teacher_forwards"] > 0) == live
+    assert live or reference["distill"]["teacher_cache"]
     run = _killed_between_checkpoints(recipe, monkeypatch)
     resumed = api.train(recipe, resume=True)
     assert Path(resumed["run_dir"]) == run.path and resumed["resumed_from"] == "checkpoint-30"
-    ref, res = _tensors(reference["run_dir"]), _tensors(run.path)
-    assert set(ref) == set(res) and (name != "railc" or "heads.rail_c.weight" in ref)
-    diffs = {k: float((ref[k] - res[k]).abs().max()) for k in ref}
+    diffs = _max_differences(reference["run_dir"], run.path)
+    assert name != "railc" or "distill_heads.rail_c.weight" in diffs, sorted(diffs)
     assert max(diffs.values()) == 0.0, {k: d for k, d in diffs.items() if d}
     assert resumed["metrics"] == reference["metrics"]
+
+
+
+# --- other families: causal-LM distillation, a multistage stage, a dialogue LoRA ------------------
+
+def _exact_after_kill(reference: str | Path, train: Callable[[], Any], resume: Callable[[], Any], runs: Path,
+                      monkeypatch) -> None:
+    """``train`` again, killed, then ``resume`` from checkpoint-30: every tensor of checkpoints/last
+    equal to the uninterrupted ``reference`` run's."""
+    run = _killed(train, runs, monkeypatch)
+    resume()
+    results = json.loads((run.path / "results.json").read_text())
+    assert results["resumed_from"] == "checkpoint-30" and results["train_steps"] == 40
+    diffs = _max_differences(reference, run.path)
+    assert max(diffs.values()) == 0.0, {k: d for k, d in diffs.items() if d}
+
+
+STEPS = "max_steps: 40, eval_every: 10, save_total_limit: 5"
+
+
+def test_a_killed_causal_lm_distillation_resumes_exactly(tmp_path, monkeypatch):
+    from .test_partial_kd import _base, _text
+
+    base = _base(tmp_path, _text(tmp_path)).replace("epochs: 3,", f"{STEPS},")
+    api.train(write_recipe(tmp_path / "t.yaml", base.replace(STEPS, "epochs: 1") + """
+name: t
+model: {config: {model_type: gpt2, n_layer: 2, n_embd: 32, n_head: 2, n_positions: 32}, vocab_size: 300}
+"""))
+    recipe = write_recipe(tmp_path / "kd.yaml", base + f"""
+name: kd
+teacher: {{run: {tmp_path / 'runs' / 't'}}}
+student: {{from_teacher: {{nb_layers: 1}}}}
+distill: {{losses: {{ce: 0.5, kd: 0.5}}}}
+""")
+    _exact_after_kill(api.train(recipe)["run_dir"], lambda: api.train(recipe), lambda: api.train(recipe, resume=True),
+                      tmp_path / "runs" / "kd", monkeypatch)
+
+
+@pytest.mark.parametrize("stage", ["mse", "bottleneck_distill"])
+def test_a_killed_multistage_stage_resumes_exactly(tmp_path, world, monkeypatch, stage):  # noqa: F811
+    from deltakd import pipeline
+
+    from .multistage.test_run import STAGES, tiny
+
+    path = STAGES / f"{stage}.yaml"
+    runs = tmp_path / "runs"
+    sets = [*tiny(world, path, runs), "train.max_steps=40", "train.eval_every=10", "train.save_total_limit=5"]
+
+    def train() -> Path:
+        [done] = pipeline.run_pipeline([path], sets, test=False)
+        return done.run_dir
+
+    reference = train()
+    shutil.move(str(reference), str(tmp_path / "reference"))  # the pipeline would skip a finished stage
+    _exact_after_kill(tmp_path / "reference", train, lambda: pipeline.run_pipeline([path], sets, test=False),
+                      runs / stage, monkeypatch)
+
+
+def test_a_killed_dialogue_lora_resumes_exactly(tmp_path, monkeypatch):
+    from .dialogue.test_e2e import GPT, _common, _task
+
+    api.train(write_recipe(tmp_path / "pre.yaml", f"""
+name: pre
+{_task('lm')}
+model: {{config: {GPT}, vocab_size: 400}}
+train: {{epochs: 1, lr: 1.0e-2, batch_size: 16, seed: 1}}
+{_common(tmp_path)}"""))
+    recipe = write_recipe(tmp_path / "lora.yaml", f"""
+name: lora
+{_task('dialogue')}
+model: {{name: {tmp_path / 'runs' / 'pre'}}}
+peft: {{method: lora, r: 4, alpha: 8, dropout: 0.1, target: [c_attn]}}
+train: {{{STEPS}, lr: 2.0e-2, batch_size: 8, seed: 1, logging_steps: 5}}
+{_common(tmp_path)}""")
+    _exact_after_kill(api.train(recipe)["run_dir"], lambda: api.train(recipe), lambda: api.train(recipe, resume=True),
+                      tmp_path / "runs" / "lora", monkeypatch)
 
 
 # --- damaged checkpoints ------------------------------------------------------------------------
