@@ -98,10 +98,12 @@ def _max_differences(reference: str | Path, resumed: str | Path) -> dict[str, fl
     ("railc", "{losses: {ce: 0.34, kd: 0.33, rail_c: 0.33}, layer_map: {mode: random, k: 1}}"),
     ("kd", "{losses: {ce: 0.5, kd: 0.5}}"),
     # curriculum (loss weights and lr) switching after the resume point (step 35 > 30) and before it (step 10)
-    ("curriculum_after", "{losses: {ce: 0.5, kd: 0.5}, curriculum: {at_epoch: 1.75, losses: {kd: 1.0}, lr: 1.0e-3}}"),
-    ("curriculum_before", "{losses: {ce: 0.5, kd: 0.5}, curriculum: {at_epoch: 0.5, losses: {kd: 1.0}, lr: 1.0e-3}}"),
+    pytest.param("curriculum_after", "{losses: {ce: 0.5, kd: 0.5}, curriculum: {at_epoch: 1.75, losses: {kd: 1.0}, "
+                 "lr: 1.0e-3}}", marks=pytest.mark.slow),
+    pytest.param("curriculum_before", "{losses: {ce: 0.5, kd: 0.5}, curriculum: {at_epoch: 0.5, losses: {kd: 1.0}, "
+                 "lr: 1.0e-3}}", marks=pytest.mark.slow),
     # a live teacher: hidden_mse cannot use the cache (default layer map)
-    ("live_hidden", "{losses: {ce: 0.5, kd: 0.25, hidden_mse: 0.25}}"),
+    pytest.param("live_hidden", "{losses: {ce: 0.5, kd: 0.25, hidden_mse: 0.25}}", marks=pytest.mark.slow),
 ])
 def test_a_killed_distillation_resumes_exactly(tmp_path, teacher_run, toy, monkeypatch, name, distill):
     recipe = _student(tmp_path, teacher_run, toy, name, distill)
@@ -136,6 +138,7 @@ def _exact_after_kill(reference: str | Path, train: Callable[[], Any], resume: C
 STEPS = "max_steps: 40, eval_every: 10, save_total_limit: 5"
 
 
+@pytest.mark.slow
 def test_a_killed_causal_lm_distillation_resumes_exactly(tmp_path, monkeypatch):
     from .test_partial_kd import _base, _text
 
@@ -154,6 +157,7 @@ distill: {{losses: {{ce: 0.5, kd: 0.5}}}}
                       tmp_path / "runs" / "kd", monkeypatch)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["mse", "bottleneck_distill"])
 def test_a_killed_multistage_stage_resumes_exactly(tmp_path, world, monkeypatch, stage):  # noqa: F811
     from deltakd import pipeline
@@ -174,6 +178,7 @@ def test_a_killed_multistage_stage_resumes_exactly(tmp_path, world, monkeypatch,
                       runs / stage, monkeypatch)
 
 
+@pytest.mark.slow
 def test_a_killed_dialogue_lora_resumes_exactly(tmp_path, monkeypatch):
     from .dialogue.test_e2e import GPT, _common, _task
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -15,6 +16,14 @@ from typing import Any, Callable
 
 import torch
 from safetensors.torch import save
+
+
+def warning(name: str, line: str, *args: Any) -> None:
+    """Log one warning line on logger ``name``, even after a library's ``logging.config`` call
+    (alembic, run by mlflow's SQL store, disables every logger that existed before it)."""
+    log = logging.getLogger(name)
+    log.disabled = False
+    log.warning(line, *args)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,7 @@ from typing import Any, Literal, NamedTuple, get_args
 import torch
 
 from ..errors import DeltakdError
-from ..utils import atomic_write_text
-
-logger = logging.getLogger(__name__)
+from ..utils import atomic_write_text, warning
 
 ACTS: tuple[str, ...] = ("inform", "question", "directive", "commissive")  # ids 1..4 in the files
 EMOTIONS: tuple[str, ...] = ("no_emotion", "anger", "disgust", "fear", "happiness", "sadness", "surprise")  # ids 0..6
@@ -174,7 +171,7 @@ def read_dailydialog_files(text_path: Path, act_path: Path, emotion_path: Path,
     if short:
         shown = ", ".join(map(str, short[:10])) + (" ..." if len(short) > 10 else "")
         what = "them" if short_labels == "drop_dialogue" else "their last turn"
-        logger.warning("%s: %d dialogue(s) have one act/emotion label fewer than utterances (line(s) %s); "
+        warning(__name__, "%s: %d dialogue(s) have one act/emotion label fewer than utterances (line(s) %s); "
                        "dropped %s", text_path, len(short), shown, what)
     stats = ReadStats(len(dialogues), sum(map(len, dialogues)), tuple(short))
     return dialogues, stats

@@ -7,7 +7,6 @@ from the first step after 10 full epochs.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,9 +14,10 @@ from typing import Any
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback
 
+from ..utils import warning
+
 __all__ = ["LossSchedule", "CurriculumCallback"]
 
-logger = logging.getLogger(__name__)
 
 # Tolerance on float epochs: HF computes epoch + (step + 1) / steps_in_epoch.
 _EPS = 1e-6
@@ -153,7 +153,7 @@ class CurriculumCallback(TrainerCallback):
                     sched.lr_lambdas = [_constant_one] * len(groups)
                 factors = [fn(sched.last_epoch) for fn in sched.lr_lambdas]
             elif self.hold_constant and not self._warned:
-                logger.warning(
+                warning(__name__, 
                     "curriculum lr: %s is not a LambdaLR; set its base_lrs only, later steps follow its shape",
                     type(sched).__name__,
                 )

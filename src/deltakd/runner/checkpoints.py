@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -14,9 +13,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import DeltakdError
 from ..runs import RunDir
-from ..utils import atomic_write_json, file_digest
-
-logger = logging.getLogger(__name__)
+from ..utils import atomic_write_json, file_digest, warning
 
 MANIFEST = "deltakd_manifest.json"
 STATE = "trainer_state.json"
@@ -76,7 +73,7 @@ def last_complete_checkpoint(folder: Path, warn: bool = True) -> str | None:
         skipped.append(f"{ckpt.name} ({problem})")
     if skipped and warn:
         start = f"resuming from {Path(found).name}" if found else "no sound checkpoint, training from step 0"
-        logger.warning(f"--resume: {start}; skipped damaged {', '.join(skipped)} (left on disk)")
+        warning(__name__, f"--resume: {start}; skipped damaged {', '.join(skipped)} (left on disk)")
     return found
 
 

@@ -18,7 +18,6 @@ non-finite or a perplexity above 1e6.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -30,10 +29,9 @@ from safetensors import safe_open
 from transformers import Trainer, TrainerCallback
 
 from ..runs import RunDir, RunResults
+from ..utils import warning
 from .checkpoints import checkpoint_step
 from .family import Family, Prepared
-
-logger = logging.getLogger(__name__)
 
 HUGE_PERPLEXITY = 1e6
 
@@ -201,5 +199,5 @@ def nonfinite_metric_warnings(metrics: dict[str, dict[str, Any]]) -> list[str]:
                 lines.append(f"{split} perplexity is {value:.3g} (> {HUGE_PERPLEXITY:.0e}): "
                              "the model is no better than a near-random one, or diverged")
     for line in lines:
-        logger.warning(line)
+        warning(__name__, line)
     return lines
