@@ -10,6 +10,7 @@ A run is finished exactly when ``results.json`` exists; it is written last, atom
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,9 @@ from ..errors import DeltakdError
 from ..recipe import Recipe, dump_recipe, validate
 from ..utils import atomic_write_json, atomic_write_text, git_commit, package_versions
 from .results import RunResults
+
+logger = logging.getLogger(__name__)
+_NOTED_OUTSIDE: set[Path] = set()  # one note per output folder per process (a sweep makes many runs)
 
 PROVENANCE_KEY = "provenance"
 
@@ -101,6 +105,15 @@ class RunDir:
         return RunResults.read(self.results_file)
 
 
+def _note_outside_cwd(output_dir: Path) -> None:
+    """One note line when runs go to a folder outside the current directory (not an error)."""
+    where, cwd = output_dir.expanduser().resolve(), Path.cwd().resolve()
+    if where.is_relative_to(cwd) or where in _NOTED_OUTSIDE:
+        return
+    _NOTED_OUTSIDE.add(where)
+    logger.warning(f"note: output_dir {where} is outside the current directory {cwd}; runs go there")
+
+
 def new_run_dir(output_dir: Path, name: str) -> RunDir:
     """A new, empty ``<output_dir>/<name>/<stamp>[-n]`` folder, never one another process made.
 
@@ -108,6 +121,7 @@ def new_run_dir(output_dir: Path, name: str) -> RunDir:
     taken meanwhile moves on to the next suffix.
     """
     base = Path(output_dir) / name
+    _note_outside_cwd(Path(output_dir))
     base.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     n = 1
