@@ -20,8 +20,8 @@ def test_trust_remote_code_warns_once_naming_the_model(tiny_bert, caplog, monkey
     with caplog.at_level(logging.WARNING, logger="deltakd.models.hub"):
         load_tokenizer(cfg)
         load_base(cfg, Head(2, ("0", "1")))
-    assert _warnings(caplog) == [f"model '{tiny_bert}': trust_remote_code is on: Python code shipped with the "
-                                 "model runs on this machine"]
+    expected = f"model '{tiny_bert}': trust_remote_code is on: Python code shipped with the model runs on this machine"
+    assert _warnings(caplog) == [expected]
 
 
 def test_no_warning_without_remote_code(tiny_bert, caplog, monkeypatch):

@@ -17,7 +17,6 @@ from ..recipe import Recipe
 from ..runner import Prepared
 from ..runner.transformers_family import TransformersFamily
 
-
 _DEFAULT_NAME = re.compile(r"LABEL_\d+")  # transformers' names for a head saved without label names
 
 
