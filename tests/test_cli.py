@@ -141,3 +141,27 @@ def test_eval_cli_prints_metrics_of_a_finished_run(tmp_path, tiny_bert, toy_task
     assert f"{res['metrics']['test']['accuracy']:.4f}" in out.stdout
     out = cli("eval", str(run), "--split", "bogus")
     assert out.returncode == 2 and "--split: 'bogus' not in this task; available: train, valid, test" in out.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "sweep", "pipeline", "transfer"])
+def test_binary_recipe_file_is_one_line_exit_2(tmp_path, command, capsys, monkeypatch):
+    from deltakd import cli as cli_module
+
+    recipe = tmp_path / "model.yaml"
+    recipe.write_bytes(b"name: x\n\x00\x01\xff\xfe\x89PNG")
+    monkeypatch.setattr(sys, "argv", ["deltakd", command, str(recipe)])
+    with pytest.raises(SystemExit) as e:
+        cli_module.main()
+    assert e.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert lines == [f"error: {recipe}: not a YAML recipe: byte 0xff at offset 10 is not UTF-8 text"]
+
+
+def test_recipes_listing_skips_over_a_binary_yaml(tmp_path):
+    from deltakd import api
+
+    (tmp_path / "bad.yaml").write_bytes(b"\xff\xfe\x00")
+    (tmp_path / "list.yaml").write_text("- a\n", encoding="utf-8")
+    (tmp_path / "ok.yaml").write_text("description: fine\n", encoding="utf-8")
+    assert api.list_recipes(tmp_path) == [(str(tmp_path / "bad.yaml"), ""), (str(tmp_path / "list.yaml"), ""),
+                                          (str(tmp_path / "ok.yaml"), "fine")]

@@ -111,8 +111,10 @@ def list_recipes(root: str | Path = "recipes") -> list[tuple[str, str]]:
         if path.name.startswith("_"):
             continue
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError:
+            data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError, OSError):  # listed without a description
+            data = {}
+        if not isinstance(data, dict):
             data = {}
         desc = str(data.get("description", "")).strip().splitlines()
         out.append((str(path), desc[0] if desc else ""))

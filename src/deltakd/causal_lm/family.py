@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, Trainer, set_seed
 from ..data import TaskData, TaskSpec
 from ..data.dailydialog_tasks import lm_texts
 from ..data.lm import get_or_train_tokenizer, lm_blocks_cached, read_texts
+from ..distill.setup import check_kind, make_schedule
 from ..errors import DeltakdError
 from ..models.causal_lm import lm_config
 from ..models.delta import Head, load_teacher
@@ -47,6 +48,8 @@ class CausalLMFamily(TransformersFamily):
         cfg = recipe.task
         if cfg.dialogue is None and (not cfg.train_file or not cfg.valid_file):
             raise DeltakdError("task: an lm task needs task.train_file and task.valid_file (plain text)")
+        if recipe.distill is not None:  # losses of another task kind: refused before any data is read
+            check_kind(set(make_schedule(recipe.distill).loss_names), "lm", 0)
         texts, files = _texts(recipe)
         teacher = None
         if recipe.teacher is not None:

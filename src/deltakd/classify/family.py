@@ -3,18 +3,33 @@ its delta module, and (with a ``teacher:``) a student distilled from it (logits,
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from transformers import set_seed
+from transformers import AutoConfig, set_seed
 
 from ..data import TaskData, load_task
 from ..data.tokenize import tokenize_examples
 from ..errors import DeltakdError
 from ..models.delta import Head, attach_delta, load_base, load_teacher, load_tokenizer
-from ..models.hub import resolve_model_path
+from ..models.hub import load_pretrained, resolve_model_path
 from ..recipe import Recipe
 from ..runner import Prepared
 from ..runner.transformers_family import TransformersFamily
+
+_DEFAULT_NAME = re.compile(r"LABEL_\d+")  # transformers' names for a head saved without label names
+
+
+def check_teacher_head(config: Any, head: Head) -> None:
+    """The teacher predicts the task's labels: as many, and (when it names them) the same, in order."""
+    n = getattr(config, "num_labels", None)
+    if n != head.num_labels:
+        raise DeltakdError(f"teacher: predicts {n} labels, the task has {head.num_labels}")
+    names = [str((getattr(config, "id2label", None) or {}).get(i, "")) for i in range(n)]
+    if head.labels is None or all(_DEFAULT_NAME.fullmatch(x) or not x for x in names):
+        return
+    if tuple(names) != tuple(head.labels):
+        raise DeltakdError(f"teacher: labels {names}, the task has {list(head.labels)}")
 
 
 class ClassificationFamily(TransformersFamily):
@@ -26,18 +41,23 @@ class ClassificationFamily(TransformersFamily):
         head = Head(task.num_labels, task.labels)
         teacher = None
         if recipe.teacher is not None:
+            if recipe.teacher.model is not None:  # its head, before its weights load
+                check_teacher_head(load_pretrained(AutoConfig.from_pretrained, recipe.teacher.model, "teacher.model"),
+                                   head)
             teacher, teacher_tokenizer = load_teacher(recipe.teacher, causal_lm=False)
-            if getattr(teacher.config, "num_labels", None) != head.num_labels:
-                raise DeltakdError(f"teacher: predicts {teacher.config.num_labels} labels, the task has {head.num_labels}")
+            check_teacher_head(teacher.config, head)
             tokenizer = self.student_tokenizer(recipe, teacher_tokenizer, lambda: load_tokenizer(recipe.model))
         else:
             tokenizer = load_tokenizer(recipe.model)
-        datasets = {name: tokenize_examples(exs, tokenizer, recipe.task.max_length) for name, exs in task.splits.items()}
         base, copied = self.student_base(recipe, teacher) if teacher is not None else (None, None)
         if base is None:
             base = load_base(recipe.model, head)
         model = attach_delta(base, recipe.peft, resolve_model_path(recipe.model.name))
-        prep = Prepared(recipe, task, tokenizer, datasets, model, head, teacher)
+        prep = Prepared(recipe, task, tokenizer, {}, model, head, teacher)
+        if teacher is not None:
+            self.distill_check(prep, copied)  # a recipe that cannot work tokenises and caches nothing
+        prep.datasets = {name: tokenize_examples(exs, tokenizer, recipe.task.max_length)
+                         for name, exs in task.splits.items()}
         if teacher is not None:
             prep.distill = self.distill_setup(prep, copied)
         return prep

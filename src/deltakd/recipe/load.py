@@ -18,7 +18,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DeltakdError(f"recipe file '{path}' does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise DeltakdError(f"recipe file '{path}' cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise DeltakdError(f"{path}: not a YAML recipe: byte 0x{e.object[e.start]:02x} at offset {e.start} "
+                           "is not UTF-8 text") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -27,8 +27,13 @@ from ..runs.rundir import runs_of
 from ..trackers import check_trackers, tracker_callbacks
 from ..utils import cpu_only
 from .callbacks import MetricsLogCallback
-from .checkpoints import (ManifestCallback, check_not_trained, checkpoint_step, keep_best_and_last,
-                          last_complete_checkpoint)
+from .checkpoints import (
+    ManifestCallback,
+    check_not_trained,
+    checkpoint_step,
+    keep_best_and_last,
+    last_complete_checkpoint,
+)
 from .divergence import DivergenceGuard, finish_diverged, nonfinite_metric_warnings
 from .family import Family, Prepared, read_recipe_data
 

@@ -17,7 +17,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
 from ..data import TaskData
 from ..distill.schedule import CurriculumCallback
-from ..distill.setup import make_schedule, prepare_distill
+from ..distill.setup import check_distill, make_schedule, prepare_distill
 from ..distill.tokenizers import check_tokenizers
 from ..distill.trainer import DistillTrainer
 from ..errors import DeltakdError
@@ -70,6 +70,13 @@ class TransformersFamily(Family):
         tokenizer = own()
         check_tokenizers(tokenizer, teacher_tokenizer, make_schedule(recipe.distill).loss_names)
         return tokenizer
+
+    def distill_check(self, prep: Prepared, copied: list[int] | None) -> None:
+        """``distill_setup``'s checks alone, before any data is tokenised or teacher output cached."""
+        recipe = prep.recipe
+        scratch = recipe.student and recipe.student.from_teacher and recipe.student.scratch
+        check_distill(recipe.distill, prep.model, prep.teacher, "lm" if prep.head.causal_lm else "classification",
+                      prep.head.num_labels, None if scratch else copied, recipe.train.seed)
 
     def distill_setup(self, prep: Prepared, copied: list[int] | None):
         """Validate the distillation recipe against the models; build layer map, projections, cache."""

@@ -19,8 +19,10 @@ import yaml
 
 from ..errors import DeltakdError
 from ..recipe import Recipe, dump_recipe, validate
-from ..utils import atomic_write_json, atomic_write_text, git_commit, package_versions
+from ..utils import atomic_write_json, atomic_write_text, git_commit, package_versions, warning
 from .results import RunResults
+
+_NOTED_OUTSIDE: set[Path] = set()  # one note per output folder per process (a sweep makes many runs)
 
 PROVENANCE_KEY = "provenance"
 
@@ -101,6 +103,15 @@ class RunDir:
         return RunResults.read(self.results_file)
 
 
+def _note_outside_cwd(output_dir: Path) -> None:
+    """One note line when runs go to a folder outside the current directory (not an error)."""
+    where, cwd = output_dir.expanduser().resolve(), Path.cwd().resolve()
+    if where.is_relative_to(cwd) or where in _NOTED_OUTSIDE:
+        return
+    _NOTED_OUTSIDE.add(where)
+    warning(__name__, f"note: output_dir {where} is outside the current directory {cwd}; runs go there")
+
+
 def new_run_dir(output_dir: Path, name: str) -> RunDir:
     """A new, empty ``<output_dir>/<name>/<stamp>[-n]`` folder, never one another process made.
 
@@ -108,6 +119,7 @@ def new_run_dir(output_dir: Path, name: str) -> RunDir:
     taken meanwhile moves on to the next suffix.
     """
     base = Path(output_dir) / name
+    _note_outside_cwd(Path(output_dir))
     base.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     n = 1
