@@ -13,7 +13,6 @@ def _notes(caplog) -> list[str]:
 
 def test_output_dir_outside_the_working_directory_gets_one_note(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(rundir, "_NOTED_OUTSIDE", set())
-    monkeypatch.setattr(rundir.logger, "disabled", False)  # a dictConfig run by an earlier test disables old loggers
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     work.mkdir()
     monkeypatch.chdir(work)

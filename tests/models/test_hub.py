@@ -15,7 +15,6 @@ def _warnings(caplog) -> list[str]:
 
 def test_trust_remote_code_warns_once_naming_the_model(tiny_bert, caplog, monkeypatch):
     monkeypatch.setattr(hub, "_REMOTE_CODE_WARNED", set())
-    monkeypatch.setattr(hub.logger, "disabled", False)  # a dictConfig run by an earlier test disables old loggers
     cfg = ModelConfig(name=str(tiny_bert), trust_remote_code=True)
     with caplog.at_level(logging.WARNING, logger="deltakd.models.hub"):
         load_tokenizer(cfg)
