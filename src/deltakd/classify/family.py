@@ -54,12 +54,11 @@ class ClassificationFamily(TransformersFamily):
             base = load_base(recipe.model, head)
         model = attach_delta(base, recipe.peft, resolve_model_path(recipe.model.name))
         prep = Prepared(recipe, task, tokenizer, {}, model, head, teacher)
-        if teacher is not None:
-            self.distill_check(prep, copied)  # a recipe that cannot work tokenises and caches nothing
+        checked = self.distill_check(prep, copied) if teacher is not None else None  # nothing tokenised or cached yet
         prep.datasets = {name: tokenize_examples(exs, tokenizer, recipe.task.max_length)
                          for name, exs in task.splits.items()}
         if teacher is not None:
-            prep.distill = self.distill_setup(prep, copied)
+            prep.distill = self.distill_setup(prep, copied, checked)
         return prep
 
     def eval_data(self, recipe: Recipe, tokenizer: Any) -> tuple[TaskData, dict[str, Any]]:

@@ -128,13 +128,16 @@ def check_distill(d: DistillConfig, student: nn.Module, teacher: nn.Module, kind
 
 def prepare_distill(d: DistillConfig, student: nn.Module, teacher: nn.Module, kind: str, num_labels: int,
                     copied: list[int] | None, seed: int, datasets: dict[str, Any] | None = None,
-                    collator: Any = None, batch_size: int = 64, device: Any = "cpu") -> DistillSetup:
+                    collator: Any = None, batch_size: int = 64, device: Any = "cpu",
+                    checked: tuple[LossSchedule, LayerMap | None, nn.Module] | None = None) -> DistillSetup:
     """Validate the distillation recipe against the models and build its pieces.
 
     With ``datasets`` and a cacheable loss, the teacher's outputs on ``datasets['train']`` are
-    computed (or loaded) and the train split gets an ``idx`` column for the lookups.
+    computed (or loaded) and the train split gets an ``idx`` column for the lookups. ``checked``:
+    what :func:`check_distill` returned for the same arguments, when it already ran (its merged
+    teacher copy is not made twice).
     """
-    schedule, layer_map, teacher = check_distill(d, student, teacher, kind, num_labels, copied, seed)
+    schedule, layer_map, teacher = checked or check_distill(d, student, teacher, kind, num_labels, copied, seed)
     names = set(schedule.loss_names)
     h_s, h_t = student.config.hidden_size, teacher.config.hidden_size
     n_pairs, student_layers = 0, []

@@ -71,22 +71,24 @@ class TransformersFamily(Family):
         check_tokenizers(tokenizer, teacher_tokenizer, make_schedule(recipe.distill).loss_names)
         return tokenizer
 
-    def distill_check(self, prep: Prepared, copied: list[int] | None) -> None:
-        """``distill_setup``'s checks alone, before any data is tokenised or teacher output cached."""
+    @staticmethod
+    def _distill_args(prep: Prepared, copied: list[int] | None) -> tuple[Any, ...]:
+        """What ``check_distill`` and ``prepare_distill`` both take: config, models, kind, labels, copied layers, seed."""
         recipe = prep.recipe
         scratch = recipe.student and recipe.student.from_teacher and recipe.student.scratch
-        check_distill(recipe.distill, prep.model, prep.teacher, "lm" if prep.head.causal_lm else "classification",
-                      prep.head.num_labels, None if scratch else copied, recipe.train.seed)
+        return (recipe.distill, prep.model, prep.teacher, "lm" if prep.head.causal_lm else "classification",
+                prep.head.num_labels, None if scratch else copied, recipe.train.seed)
 
-    def distill_setup(self, prep: Prepared, copied: list[int] | None):
+    def distill_check(self, prep: Prepared, copied: list[int] | None) -> tuple[Any, ...]:
+        """``distill_setup``'s checks alone, before any data is tokenised or teacher output cached;
+        hand the result to ``distill_setup`` so the checks (and the merged teacher copy) run once."""
+        return check_distill(*self._distill_args(prep, copied))
+
+    def distill_setup(self, prep: Prepared, copied: list[int] | None, checked: tuple[Any, ...] | None = None):
         """Validate the distillation recipe against the models; build layer map, projections, cache."""
-        recipe = prep.recipe
-        lm = prep.head.causal_lm
-        scratch = recipe.student and recipe.student.from_teacher and recipe.student.scratch
-        return prepare_distill(recipe.distill, prep.model, prep.teacher, "lm" if lm else "classification",
-                               prep.head.num_labels, None if scratch else copied, recipe.train.seed, prep.datasets,
-                               None if lm else DataCollatorWithPadding(prep.tokenizer), recipe.train.eval_batch_size,
-                               distributed_state().device)
+        collator = None if prep.head.causal_lm else DataCollatorWithPadding(prep.tokenizer)
+        return prepare_distill(*self._distill_args(prep, copied), prep.datasets, collator,
+                               prep.recipe.train.eval_batch_size, distributed_state().device, checked=checked)
 
     def make_trainer(self, prep: Prepared, args: TrainingArguments, callbacks: list) -> Trainer:
         if prep.teacher is None:
