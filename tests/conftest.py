@@ -75,7 +75,11 @@ def write_tsv(path: Path, rows: list[tuple[str, int]], header=("sentence", "labe
 @pytest.fixture()
 def toy_task(tmp_path) -> Path:
     """SST-2-shaped folder (train.tsv, dev.tsv) of the synthetic sentiment task."""
-    d = tmp_path / "toy"
+    return write_toy_task(tmp_path / "toy")
+
+
+def write_toy_task(d: Path) -> Path:
+    """The synthetic sentiment task in ``d`` (train.tsv: 400 rows, dev.tsv: 100 rows)."""
     write_tsv(d / "train.tsv", sentiment_rows(400, 1))
     write_tsv(d / "dev.tsv", sentiment_rows(100, 2))
     return d

@@ -17,16 +17,13 @@ from safetensors.torch import load_file
 from deltakd import api
 from deltakd.runs import RunDir
 
-from .conftest import sentiment_rows, write_recipe, write_tsv
+from .conftest import write_recipe, write_toy_task
 from .multistage.test_run import teacher_dir, world  # noqa: F401  (the tiny multistage world, as fixtures)
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("toy-resume")
-    write_tsv(d / "train.tsv", sentiment_rows(400, 1))
-    write_tsv(d / "dev.tsv", sentiment_rows(100, 2))
-    return d
+    return write_toy_task(tmp_path_factory.mktemp("toy-resume"))
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,12 @@ from deltakd import api
 from deltakd.errors import DeltakdError
 from deltakd.runs import RunDir
 
-from ..conftest import sentiment_rows, write_recipe, write_tsv
+from ..conftest import write_recipe, write_toy_task
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("toy-distill")
-    write_tsv(d / "train.tsv", sentiment_rows(400, 1))
-    write_tsv(d / "dev.tsv", sentiment_rows(100, 2))
-    return d
+    return write_toy_task(tmp_path_factory.mktemp("toy-distill"))
 
 
 def _recipe(folder: Path, name: str, body: str) -> Path:
