@@ -11,7 +11,7 @@ import pytest
 from deltakd import api
 from deltakd.errors import DeltakdError
 from deltakd.recipe.load import load_recipe
-from deltakd.trackers import check_trackers, flat_params
+from deltakd.trackers import RunTrackers, check_trackers, flat_params
 
 from .test_train import tiny_recipe
 
@@ -138,10 +138,18 @@ def test_neptune_gets_the_recipe_project_tags_and_name(tmp_path, tiny_bert, toy_
 
 
 def test_neptune_run_name_defaults_to_the_run_folder(tmp_path, tiny_bert, toy_task, monkeypatch):
+    from transformers import TrainerControl, TrainerState
+
     record = _fake_neptune(monkeypatch)
-    recipe = tiny_recipe(tmp_path, tiny_bert, toy_task, train=", max_steps: 2")
-    results = api.train(recipe, ["track=[neptune]"])
-    assert record["init"] == {"name": f"tiny/{Path(results['run_dir']).name}", "tags": []}
+    recipe = load_recipe(tiny_recipe(tmp_path, tiny_bert, toy_task), ["track=[neptune]"])
+    trackers = RunTrackers(recipe, tmp_path / "runs" / "tiny" / "20250101-000000")
+    (callback,) = trackers.callbacks
+    state = TrainerState(global_step=7)
+    callback.on_log(None, state, TrainerControl(), logs={"loss": 0.5, "epoch": 1.0, "note": "x"})
+    assert record["init"] == {"name": "tiny/20250101-000000", "tags": []}
+    assert record["series"] == {"metrics/loss": [(7, 0.5)], "metrics/epoch": [(7, 1.0)]}
+    trackers.finish({"metrics": {"test": {"accuracy": 0.75}}}, [tmp_path / "missing.json"])
+    assert record["values"]["final/test_accuracy"] == 0.75 and record["uploads"] == {} and record["stopped"]
 
 
 def test_track_options_for_an_unlisted_tracker_are_refused(tmp_path, tiny_bert, toy_task):
