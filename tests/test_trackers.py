@@ -158,3 +158,26 @@ def test_track_options_for_an_unlisted_tracker_are_refused(tmp_path, tiny_bert, 
         load_recipe(recipe, ["track_options.neptune.tags=[a]"])
     with pytest.raises(DeltakdError, match="track_options.neptune.project"):
         load_recipe(recipe, ["track=[neptune]", "track_options.neptune.project=noslash"])
+
+
+def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+    from transformers import TrainerControl, TrainerState
+
+    from deltakd.trackers.mlflow_run import MLflowRun
+
+    uri = (tmp_path / "mlruns").as_uri()
+    params = {"train.lr": 0.1, "distill.layer_map.pairs.0[1]": 2}
+    first = MLflowRun(uri, "exp", "exp/20250101-000000", params)
+    first.on_log(None, TrainerState(global_step=2), TrainerControl(), logs={"loss": 0.9})
+    again = MLflowRun(uri, "exp", "exp/20250101-000000", params)  # --resume: a new process, the same run
+    again.on_log(None, TrainerState(global_step=4), TrainerControl(), logs={"loss": 0.5})
+    assert again.run_id == first.run_id
+    again.finish({"test_accuracy": 0.7}, [])
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert run.info.run_id == first.run_id and run.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(2, 0.9), (4, 0.5)]
+    assert run.data.params == {"train.lr": "0.1", "distill.layer_map.pairs.0_1_": "2"}
+    assert run.data.metrics["test_accuracy"] == 0.7

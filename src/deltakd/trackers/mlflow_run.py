@@ -13,12 +13,16 @@ from transformers import TrainerCallback
 from .common import numbers
 
 
+def _key(name: str) -> str:
+    """A parameter or metric name as MLflow accepts it (other characters become ``_``)."""
+    return re.sub(r"[^0-9A-Za-z_\-. :/]", "_", name)
+
+
 def mlflow_uri(output_dir: Path) -> str:
     """``MLFLOW_TRACKING_URI``, else a local file store beside the runs."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks to opt in to file stores
     return (Path(output_dir).resolve() / "mlruns").as_uri()
 
 
@@ -37,6 +41,8 @@ class MLflowRun(TrainerCallback):
         from mlflow.tracking import MlflowClient
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
+        if "://" not in self.uri or self.uri.startswith("file:"):
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks to opt in to file stores
         self.client = client = MlflowClient(tracking_uri=self.uri)
         exp = client.get_experiment_by_name(self.experiment)
         if exp is None:
@@ -52,7 +58,7 @@ class MLflowRun(TrainerCallback):
             client.update_run(self.run_id, status="RUNNING")
         else:
             self.run_id = client.create_run(exp_id, run_name=self.run_name).info.run_id
-            params = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in self.params.items()]
+            params = [Param(_key(k), str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in self.params.items()]
             for i in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
                 client.log_batch(self.run_id, params=params[i:i + MAX_PARAMS_TAGS_PER_BATCH])
 
@@ -60,7 +66,7 @@ class MLflowRun(TrainerCallback):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(re.sub(r"[^0-9A-Za-z_\-. :/]", "_", k), v, now, step)
+        metrics = [Metric(_key(k), v, now, step)
                    for k, v in values.items()]
         self.keys.update(values)
         for i in range(0, len(metrics), 1000):
