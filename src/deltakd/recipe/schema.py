@@ -328,6 +328,29 @@ class TrainConfig(Strict):
 Tracker = Literal["tensorboard", "mlflow", "wandb", "neptune"]
 
 
+class NeptuneOptions(Strict):
+    """``track_options.neptune``: where and how a run appears in Neptune (the token: ``NEPTUNE_API_TOKEN``)."""
+
+    project: str | None = Field(default=None, pattern=r"^[^/\s]+/[^/\s]+$",
+                                description="workspace/project; unset: the NEPTUNE_PROJECT environment variable")
+    tags: list[str] = Field(default_factory=list, description="tags of the Neptune run, e.g. [lora, kd]")
+    name: str | None = Field(default=None, min_length=1,
+                             description="the Neptune run's name (e.g. the method); unset: <name>/<stamp>")
+
+
+class TrackOptions(Strict):
+    """``track_options``: per-tracker settings (the trackers themselves are listed in ``track``)."""
+
+    neptune: NeptuneOptions | None = None
+
+
+def check_track_options(track: list[str], options: TrackOptions | None) -> None:
+    """Options for a tracker that ``track`` does not list are a mistake, not a no-op."""
+    for name in ("neptune",):
+        if options is not None and getattr(options, name) is not None and name not in track:
+            raise ValueError(f"track_options.{name}: given but '{name}' is not in track ({track})")
+
+
 class Recipe(Strict):
     """One experiment."""
 
@@ -341,6 +364,7 @@ class Recipe(Strict):
     student: StudentConfig | None = None
     distill: DistillConfig | None = None
     track: list[Tracker] = Field(default_factory=lambda: ["tensorboard"])
+    track_options: TrackOptions | None = None
     output_dir: Path = Path("runs")
     sweep: dict[str, Annotated[list[Any], Field(min_length=1)]] | None = Field(
         default=None, description="grid for `deltakd sweep`: {dotted.key: [values...]}, e.g. {train.lr: [1e-5, 2e-5]}")
@@ -378,3 +402,8 @@ class Recipe(Strict):
         if len(set(v)) != len(v):
             raise ValueError(f"track: duplicate trackers in {v}")
         return v
+
+    @model_validator(mode="after")
+    def _track_options(self) -> "Recipe":
+        check_track_options(self.track, self.track_options)
+        return self

@@ -24,7 +24,7 @@ from ..errors import DeltakdError
 from ..runs import RunDir, RunResults, new_run_dir
 from ..runs.lock import FolderLock, in_use, lock_holder
 from ..runs.rundir import runs_of
-from ..trackers import check_trackers, tracker_callbacks
+from ..trackers import RunTrackers, check_trackers
 from ..utils import cpu_only
 from .callbacks import MetricsLogCallback
 from .checkpoints import (
@@ -131,10 +131,10 @@ def train(prep: Prepared, family: Family, run: RunDir, resume: bool = False, is_
     recipe = prep.recipe
     started = time.time()
     family.before_training(prep)
-    report_to, callbacks = tracker_callbacks(recipe.track, run.path, recipe.output_dir)
-    args = family.arguments(prep, run, report_to)
+    trackers = RunTrackers(recipe, run.path)  # one stream per run, closed by trackers.finish
+    args = family.arguments(prep, run, trackers.report_to)
     guard = DivergenceGuard(recipe.train.nan_patience)
-    cbs = [MetricsLogCallback(run), guard, ManifestCallback(), *callbacks]
+    cbs = [MetricsLogCallback(run), guard, ManifestCallback(), *trackers.callbacks]
     if recipe.train.early_stop and args.eval_strategy != "no":
         cbs.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stop))
     trainer = guard.attach(family.make_trainer(prep, args, cbs))
@@ -143,7 +143,9 @@ def train(prep: Prepared, family: Family, run: RunDir, resume: bool = False, is_
         run.truncate_events(checkpoint_step(checkpoint) if checkpoint else 0)
     out = trainer.train(resume_from_checkpoint=checkpoint)
     if guard.diverged is not None:  # model/ from the newest finite checkpoint, results name the step
-        return finish_diverged(prep, family, trainer, run, guard.diverged, started, checkpoint, is_main)
+        diverged = finish_diverged(prep, family, trainer, run, guard.diverged, started, checkpoint, is_main)
+        trackers.finish(diverged, [run.recipe_file, run.results_file])
+        return diverged
     train_seconds = time.time() - started
     metrics, speed = family.evaluate(prep, trainer)  # every process takes part
     nonfinite_metric_warnings(metrics)
@@ -162,4 +164,5 @@ def train(prep: Prepared, family: Family, run: RunDir, resume: bool = False, is_
     results = family.finish(prep, trainer, run, results, speed, test)
     results.wall_time_s = time.time() - started
     run.write_results(results)
+    trackers.finish(results, [run.recipe_file, run.results_file])  # then the tracker runs end
     return results
