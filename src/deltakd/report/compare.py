@@ -21,7 +21,7 @@ from ..utils import atomic_write_bytes, atomic_write_text
 from .blocks import Block, blocks_markdown
 from .format import fmt_duration, fmt_num, fmt_rate, fmt_value
 from .html import render_html
-from .plots import bar_chart, learning_curves
+from .plots import bar_chart, learning_curves, require_matplotlib
 from .sweep_stats import Trial, best_lines, metric_columns, summarize, summary_chart, summary_table
 from .tables import teacher_student_rows
 
@@ -276,6 +276,7 @@ def report_blocks(data: Collected) -> list[Block]:
 
 def build_report(paths: Iterable[str | Path], out_dir: str | Path) -> dict[str, Path]:
     """Write ``report.md`` (with its PNGs beside it) and a self-contained ``report.html`` into ``out_dir``."""
+    require_matplotlib("deltakd report")
     data = collect(paths)
     blocks = report_blocks(data)
     out = Path(out_dir)

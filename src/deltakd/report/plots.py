@@ -1,22 +1,34 @@
 """Plots of runs as PNG bytes: learning curves (a panel per loss term) and bar charts with error bars.
 
 matplotlib is used through its object API on the Agg canvas (no pyplot, no global backend
-state), so plotting works headless and from any thread.
+state), so plotting works headless and from any thread. It is optional (the ``report`` extra) and
+imported on first use: runs and sweeps import this module, and only the charts need it.
 """
 
 from __future__ import annotations
 
 import io
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from ..errors import optional_import
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _DPI = 110
 
 
+def require_matplotlib(needed_by: str = "plotting") -> None:
+    """One line naming the ``report`` extra when matplotlib is missing."""
+    optional_import("matplotlib", needed_by)
+
+
 def _new_figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, list[Any]]:
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]

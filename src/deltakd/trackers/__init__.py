@@ -24,27 +24,23 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from ..errors import DeltakdError
+from ..errors import DeltakdError, install_hint
 from .common import final_metrics
 from .mlflow_run import MLflowRun, mlflow_uri
 from .neptune_run import NeptuneRun
 from .tensorboard_run import TensorBoardRun
 
-# tracker -> (module that must import, pip package to suggest)
-_NEEDS = {
-    "tensorboard": ("tensorboard", "tensorboard"),
-    "mlflow": ("mlflow", "mlflow"),
-    "wandb": ("wandb", "wandb"),
-    "neptune": ("neptune", "neptune"),
-}
+# tracker -> module that must import (tensorboard is a core dependency; the others are extras)
+_NEEDS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "neptune": "neptune"}
 
 
 def check_trackers(names: list[str]) -> None:
-    """Fail before any work when a requested tracker is not installed."""
+    """Fail before any work when a requested tracker is not installed (one line naming the extra)."""
     for name in names:
-        module, package = _NEEDS[name]
+        module = _NEEDS[name]
         if importlib.util.find_spec(module) is None:
-            raise DeltakdError(f"track: '{name}' is not installed; pip install {package} (or remove it from track)")
+            how = "pip install tensorboard" if module == "tensorboard" else install_hint(module)
+            raise DeltakdError(f"track: '{name}' is not installed; {how} (or remove it from track)")
 
 
 def flat_params(data: Mapping[str, Any], prefix: str = "") -> dict[str, str | int | float | bool]:
