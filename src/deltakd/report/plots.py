@@ -121,6 +121,10 @@ def curves_figure(panels: dict[str, dict[str, list[tuple[int, float]]]], ncols: 
     titles = list(panels) or ["training loss"]
     cols = min(ncols, len(titles))
     rows = math.ceil(len(titles) / cols)
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(4.0 * cols + 1.0, 3.3 * rows), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     runs = sorted({label for lines in panels.values() for label in lines})

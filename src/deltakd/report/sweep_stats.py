@@ -8,12 +8,13 @@ import json
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
-
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from .format import fmt_num, fmt_value, lower_is_better, markdown_table, setting_label, short_keys
 from .plots import bar_figure, png_bytes
+
+if TYPE_CHECKING:  # matplotlib is optional (the report extra): imported where a chart is drawn
+    from matplotlib.figure import Figure
 
 SEED_KEY = "train.seed"
 METHOD_KEY = "peft.method"
