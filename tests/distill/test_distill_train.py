@@ -118,6 +118,38 @@ def test_lora_feature_ild_with_curriculum_switches_losses_and_lr(tmp_path, teach
     assert res["metrics"]["test"]["accuracy"] >= 0.85
 
 
+def test_lora_ild_with_a_random_map_matches_the_drawn_teacher_layer(tmp_path, teacher_run, toy, monkeypatch):
+    """Each step's lora_ild term compares the student layer with the teacher layer drawn for that step
+    (seeded by train.seed and the step, as on --resume), checked against the features by hand."""
+    from deltakd.distill.layer_map import LayerMap
+    from deltakd.losses import terms
+
+    seen: list[tuple[list, float, dict[int, float]]] = []
+    original = terms.lora_ild
+
+    def spy(x):
+        value = original(x)
+        s_feats = [f.detach() for f in x.student_lora.by_layer()[0]]
+        t_by, m = x.teacher_lora.by_layer(), x.mask.float()
+        by_hand = {j: sum(float((((s - t) ** 2).mean(-1) * m).sum() / m.sum()) for s, t in zip(s_feats, t_by[j]))
+                   / len(s_feats) for j in t_by}  # the MSE against each teacher layer
+        seen.append(([(i, list(js)) for i, js in x.pairs], float(value), by_hand))
+        return value
+
+    monkeypatch.setattr(terms, "lora_ild", spy)
+    res = api.train(_student(tmp_path, teacher_run, toy, "random", "{losses: {lora_ild: 1.0}, "
+                             "layer_map: {mode: random, k: 1}}", train="max_steps: 8",
+                             peft="{method: lora, r: 4, alpha: 8, target: [query, key, value], full: true}"))
+    assert res["train_steps"] == 8 and len(seen) == 8  # one term per optimizer step, training only
+    expected = LayerMap.build("random", 1, 2, k=1, seed=5)  # the recipe's train.seed
+    drawn = [pairs[0][1][0] for pairs, _, _ in seen]
+    assert [pairs for pairs, _, _ in seen] == [expected.select(step=s) for s in range(8)]
+    assert set(drawn) == {0, 1}  # both teacher layers are drawn over the 8 steps
+    for (_, value, by_hand), j in zip(seen, drawn):
+        assert value == pytest.approx(by_hand[j], rel=1e-5)
+        assert abs(value - by_hand[1 - j]) > 1e-6  # the other layer gives another number
+
+
 def test_lora_ild_needs_the_adapter_teacher(tmp_path, teacher_run, toy):
     with pytest.raises(DeltakdError, match="teacher has no LoRA"):
         api.train(_student(tmp_path, teacher_run, toy, "merged", "{losses: {lora_ild: 1.0}}",

@@ -10,7 +10,8 @@ from deltakd import api
 
 from ..conftest import ROOT, sentiment_rows, write_tsv
 
-STUDENTS = ["nokd", "lorakd", "railkd_c", "railkd_l", "curriculum_railkd", "curriculum_full_loraild"]
+STUDENTS = ["nokd", "lorakd", "railkd_c", "railkd_l", "curriculum_railkd", "curriculum_full_loraild",
+            "loraild_average", "loraild_random"]
 
 
 @pytest.fixture(scope="module")
