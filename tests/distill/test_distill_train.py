@@ -95,6 +95,31 @@ def test_rail_kd_layerwise_live_teacher(tmp_path, teacher_run, toy):
     assert all("loss_rail_l" in e for e in _logged_terms(res["run_dir"]))
 
 
+def test_rail_kd_projects_to_rail_dim(tmp_path, teacher_run, toy):
+    """distill.rail_dim 8 (hidden 32): both RAIL-KD variants compare 8-wide vectors; the student's
+    projections train, the teacher's fixed ones (drawn from train.seed) are saved unchanged."""
+    from safetensors.torch import load_file
+
+    from deltakd.distill.heads import DistillHeads
+
+    res = api.train(_student(tmp_path, teacher_run, toy, "raildim", """
+  losses: {ce: 0.4, rail_c: 0.3, rail_l: 0.3}
+  layer_map: {mode: random, k: 1}
+  rail_dim: 8""", train="max_steps: 6"))
+    assert res["train_steps"] == 6 and res["distill"]["teacher_forwards"] == 0  # served by the cache
+    terms = _logged_terms(res["run_dir"])
+    assert terms and all(0 < e["loss_rail_c"] < 1 and 0 < e["loss_rail_l"] < 1 for e in terms)
+    heads = load_file(str(Path(res["run_dir"]) / "checkpoints" / "last" / "distill_heads.safetensors"))
+    shapes = {k: tuple(v.shape) for k, v in heads.items()}
+    assert shapes == {"rail_c.weight": (8, 32), "rail_c.bias": (8,), "rail_c_teacher.weight": (8, 32),
+                      "rail_l.0.weight": (8, 32), "rail_l.0.bias": (8,), "rail_l_teacher.0.weight": (8, 32)}
+    fresh = DistillHeads(32, 32, 1, rail_c=True, rail_l=True, rail_dim=8, seed=5).state_dict()  # train.seed 5
+    for side in ("rail_c", "rail_l.0"):
+        teacher_key = side.replace("rail_c", "rail_c_teacher").replace("rail_l.0", "rail_l_teacher.0") + ".weight"
+        assert torch.equal(heads[teacher_key], fresh[teacher_key])  # fixed: never trained
+        assert not torch.allclose(heads[f"{side}.weight"], fresh[f"{side}.weight"])  # the student's trained
+
+
 def test_hidden_and_attention_losses_run_the_teacher_live(tmp_path, teacher_run, toy):
     res = api.train(_student(tmp_path, teacher_run, toy, "hidden", """
   losses: {kd: 0.4, hidden_mse: 0.2, hidden_cos: 0.2, attention_kl: 0.2}

@@ -36,7 +36,7 @@ class LossInputs:
     temperature: float = 1.0
     jsd_beta: float = 0.5
     pairs: list[tuple[int, list[int]]] = field(default_factory=list)
-    heads: Any = None  # DistillHeads: .hidden_proj(i), .rail_c, .rail_l
+    heads: Any = None  # DistillHeads: .hidden_proj(i), .rail_c / .rail_c_target(), .rail_l / .rail_l_targets()
     student_lora: lora.LoraACapture | None = None
     teacher_lora: lora.LoraACapture | None = None
     vocab: int | None = None  # lm: the shared tokenizer's length (logits of different widths compare up to it)
@@ -128,12 +128,12 @@ def attention_kl(x: LossInputs) -> Tensor:
 
 def rail_c(x: LossInputs) -> Tensor:
     s_pool, t_pool = x.mapped_pooled
-    return hidden.rail_kd_concat(s_pool, t_pool, x.heads.rail_c, nn.Identity())
+    return hidden.rail_kd_concat(s_pool, t_pool, x.heads.rail_c, x.heads.rail_c_target())
 
 
 def rail_l(x: LossInputs) -> Tensor:
     s_pool, t_pool = x.mapped_pooled
-    return hidden.rail_kd_layerwise(s_pool, t_pool, list(x.heads.rail_l), [None] * len(x.pairs))
+    return hidden.rail_kd_layerwise(s_pool, t_pool, list(x.heads.rail_l), x.heads.rail_l_targets())
 
 
 def lora_ild(x: LossInputs) -> Tensor:
