@@ -158,7 +158,7 @@ def test_lora_ild_with_a_random_map_matches_the_drawn_teacher_layer(tmp_path, te
         t_by, m = x.teacher_lora.by_layer(), x.mask.float()
         by_hand = {j: sum(float((((s - t) ** 2).mean(-1) * m).sum() / m.sum()) for s, t in zip(s_feats, t_by[j]))
                    / len(s_feats) for j in t_by}  # the MSE against each teacher layer
-        seen.append(([(i, list(js)) for i, js in x.pairs], float(value), by_hand))
+        seen.append(([(i, list(js)) for i, js in x.pairs], float(value.detach()), by_hand))
         return value
 
     monkeypatch.setattr(terms, "lora_ild", spy)
