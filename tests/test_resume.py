@@ -94,6 +94,9 @@ def _max_differences(reference: str | Path, resumed: str | Path) -> dict[str, fl
 @pytest.mark.parametrize("name, distill", [
     ("railc", "{losses: {ce: 0.34, kd: 0.33, rail_c: 0.33}, layer_map: {mode: random, k: 1}}"),
     ("kd", "{losses: {ce: 0.5, kd: 0.5}}"),
+    # RAIL-KD at rail_dim: the student's projections and the teacher's fixed one, resumed with the heads
+    pytest.param("railc_dim", "{losses: {ce: 0.34, kd: 0.33, rail_c: 0.33}, layer_map: {mode: random, k: 1}, "
+                 "rail_dim: 8}", marks=pytest.mark.slow),
     # curriculum (loss weights and lr) switching after the resume point (step 35 > 30) and before it (step 10)
     pytest.param("curriculum_after", "{losses: {ce: 0.5, kd: 0.5}, curriculum: {at_epoch: 1.75, losses: {kd: 1.0}, "
                  "lr: 1.0e-3}}", marks=pytest.mark.slow),
@@ -113,6 +116,7 @@ def test_a_killed_distillation_resumes_exactly(tmp_path, teacher_run, toy, monke
     assert Path(resumed["run_dir"]) == run.path and resumed["resumed_from"] == "checkpoint-30"
     diffs = _max_differences(reference["run_dir"], run.path)
     assert name != "railc" or "distill_heads.rail_c.weight" in diffs, sorted(diffs)
+    assert name != "railc_dim" or {"distill_heads.rail_c.weight", "distill_heads.rail_c_teacher.weight"} <= set(diffs)
     assert max(diffs.values()) == 0.0, {k: d for k, d in diffs.items() if d}
     assert resumed["metrics"] == reference["metrics"]
 

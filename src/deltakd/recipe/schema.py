@@ -208,7 +208,9 @@ class DistillConfig(Strict):
     jsd_beta: float = Field(default=0.5, ge=0, le=1)
     layer_map: LayerMapSpec | None = None
     curriculum: CurriculumConfig | None = None
-    rail_dim: int = Field(default=128, gt=0, description="width of the RAIL-KD projections")
+    rail_dim: int | None = Field(default=None, gt=0, description="width RAIL-KD compares at: student and teacher "
+                                 "vectors projected to it (the teacher's by a fixed random projection); "
+                                 "default the teacher's width, the student's alone projected")
     lora_ild_modules: list[str] = Field(default_factory=lambda: ["query", "key", "value"], min_length=1,
                                         description="LoRA layers whose lora_A outputs lora_ild matches")
     cache_teacher: bool = Field(default=True, description="teacher logits and pooled layers cached on disk "
