@@ -46,6 +46,19 @@ def honour_umask(path: str | os.PathLike) -> None:
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~current_umask())
 
 
+def honour_umask_tree(root: str | os.PathLike) -> None:
+    """:func:`honour_umask` for ``root`` and everything under it (executable bits kept): libraries write
+    0600 files too (safetensors 0.8's ``save_file`` does, whatever the umask)."""
+    mask = current_umask()
+    for folder, dirs, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                mode = os.stat(path).st_mode
+                os.chmod(path, (0o777 if mode & 0o111 else 0o666) & ~mask)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename (readers never see half a file);
     the file gets the mode of the user's umask, as a plain ``open`` would give it."""
@@ -82,10 +95,11 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, Any], metada
 
 
 def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Publish a folder written completely under ``tmp`` as ``target`` (replacing an older one), with
-    the mode of the user's umask (a ``tempfile.mkdtemp`` folder is 0700)."""
+    """Publish a folder written completely under ``tmp`` as ``target`` (replacing an older one), its
+    folders and files with the modes of the user's umask (a ``tempfile.mkdtemp`` folder is 0700, a
+    safetensors file 0600)."""
     target = Path(target)
-    honour_umask(tmp)
+    honour_umask_tree(tmp)
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
@@ -206,8 +220,8 @@ def cached_dir(root: Path, key: str, build: Callable[[Path], None], ready: str) 
             return path
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
         try:
-            honour_umask(tmp)
             build(tmp)
+            honour_umask_tree(tmp)
             if path.exists():
                 stale = Path(tempfile.mkdtemp(dir=path.parent, prefix=".stale-"))
                 os.replace(path, stale / key)

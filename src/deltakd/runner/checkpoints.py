@@ -22,7 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import DeltakdError
 from ..runs import RunDir
-from ..utils import atomic_write_json, file_digest, link_dir, warning
+from ..utils import atomic_write_json, file_digest, honour_umask_tree, link_dir, warning
 
 MANIFEST = "deltakd_manifest.json"
 STATE = "trainer_state.json"
@@ -43,8 +43,10 @@ def step_folders(folder: str | Path) -> list[Path]:
 
 
 def write_manifest(ckpt: str | Path) -> None:
-    """Record the size and sha256 of every file of a saved checkpoint (written last, atomically)."""
+    """Record the size and sha256 of every file of a saved checkpoint (written last, atomically); the
+    files get the modes of the user's umask first (safetensors writes 0600)."""
     ckpt = Path(ckpt)
+    honour_umask_tree(ckpt)
     files = {p.relative_to(ckpt).as_posix(): {"size": p.stat().st_size, "sha256": file_digest(p)}
              for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MANIFEST}
     atomic_write_json(ckpt / MANIFEST, {"files": files})
