@@ -222,3 +222,33 @@ def test_keep_checkpoints_and_save_total_limit_are_not_both_set():
     assert TrainConfig(keep_checkpoints=3).keep_checkpoints == 3
     with pytest.raises(ValueError, match="train.save_total_limit and train.keep_checkpoints: all both say"):
         TrainConfig(keep_checkpoints="all", save_total_limit=3)
+
+
+# --- manifests: sizes at the save, digests after it ------------------------------------------------
+
+def test_manifest_sizes_at_save_digests_later_and_both_find_damage(tmp_path):
+    from deltakd.runner.checkpoints import MANIFEST, add_digests, checkpoint_problem, write_manifest
+    from deltakd.utils import file_digest
+
+    ckpt = tmp_path / "checkpoints" / "checkpoint-5"
+    (ckpt / "sub").mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(bytes(range(256)) * 40)
+    (ckpt / "sub" / "adapter.bin").write_bytes(b"x" * 100)
+    (ckpt / "trainer_state.json").write_text('{"global_step": 5}')
+    write_manifest(ckpt, digests=False)
+    files = json.loads((ckpt / MANIFEST).read_text())["files"]
+    assert files == {"model.safetensors": {"size": 10240}, "sub/adapter.bin": {"size": 100},
+                     "trainer_state.json": {"size": 18}}
+    assert checkpoint_problem(ckpt) is None
+    good = (ckpt / "model.safetensors").read_bytes()
+    _cut(ckpt / "model.safetensors")  # sizes alone find a cut file
+    assert checkpoint_problem(ckpt) == "model.safetensors has 5120 bytes, 10240 saved"
+    assert not add_digests(ckpt) and "sha256" not in json.loads((ckpt / MANIFEST).read_text())["files"]["sub/adapter.bin"]
+    (ckpt / "model.safetensors").write_bytes(good)
+    assert add_digests(ckpt)
+    files = json.loads((ckpt / MANIFEST).read_text())["files"]
+    assert {n: e["sha256"] for n, e in files.items()} == {n: file_digest(ckpt / n) for n in files}
+    (ckpt / "model.safetensors").write_bytes(good[::-1])  # same size, other bytes: only the digest sees it
+    assert checkpoint_problem(ckpt) == "model.safetensors differs from the saved sha256"
+    shutil.rmtree(ckpt)  # rotated away by the Trainer before the digests were written: no folder remade
+    assert not add_digests(ckpt) and not ckpt.exists()

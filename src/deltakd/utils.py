@@ -59,11 +59,13 @@ def honour_umask_tree(root: str | os.PathLike) -> None:
                 os.chmod(path, (0o777 if mode & 0o111 else 0o666) & ~mask)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, parents: bool = True) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename (readers never see half a file);
-    the file gets the mode of the user's umask, as a plain ``open`` would give it."""
+    the file gets the mode of the user's umask, as a plain ``open`` would give it. ``parents``: make
+    the missing folders (else a missing folder is a FileNotFoundError)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
@@ -78,14 +80,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str, parents: bool = True) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically, as :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"), parents)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+def atomic_write_json(path: str | os.PathLike, obj: Any, parents: bool = True) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically, as :func:`atomic_write_bytes`."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", parents)
 
 
 def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str] | None = None

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +43,43 @@ def step_folders(folder: str | Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def write_manifest(ckpt: str | Path) -> None:
-    """Record the size and sha256 of every file of a saved checkpoint (written last, atomically); the
-    files get the modes of the user's umask first (safetensors writes 0600)."""
+def write_manifest(ckpt: str | Path, digests: bool = True) -> None:
+    """Record the size (and with ``digests`` the sha256) of every file of a saved checkpoint (written
+    last, atomically); the files get the modes of the user's umask first (safetensors writes 0600)."""
     ckpt = Path(ckpt)
     honour_umask_tree(ckpt)
-    files = {p.relative_to(ckpt).as_posix(): {"size": p.stat().st_size, "sha256": file_digest(p)}
-             for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    files: dict[str, dict[str, Any]] = {p.relative_to(ckpt).as_posix(): {"size": p.stat().st_size}
+                                        for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    if digests:
+        for name, entry in files.items():
+            entry["sha256"] = file_digest(ckpt / name)
     atomic_write_json(ckpt / MANIFEST, {"files": files})
+
+
+def add_digests(ckpt: str | Path) -> bool:
+    """Add the sha256 of every file to a sizes-only manifest (:func:`write_manifest` without digests);
+    False, leaving the manifest as it was, when the checkpoint changed or went meanwhile (the Trainer
+    rotated it away, say). Run after a save, off the training loop."""
+    ckpt = Path(ckpt)
+    try:
+        files = json.loads((ckpt / MANIFEST).read_text())["files"]
+        for name, entry in files.items():
+            if "sha256" not in entry:
+                digest = file_digest(ckpt / name)
+                if (ckpt / name).stat().st_size != entry["size"]:
+                    return False  # changed since the save: the size check names it
+                entry["sha256"] = digest
+        atomic_write_json(ckpt / MANIFEST, {"files": files}, parents=False)  # never remake a rotated-away folder
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
 
 
 def checkpoint_problem(ckpt: str | Path) -> str | None:
     """Why a checkpoint cannot be used (None: it is sound), naming the file.
 
-    With a manifest every file listed must be there with its size and sha256; a checkpoint saved
+    With a manifest every file listed must be there with its size (and its sha256, once recorded: the
+    digests are added after the save, off the training loop, see :class:`ManifestCallback`); a checkpoint saved
     without one (an older deltakd, or a kill right after the Trainer finished it) counts when its
     ``trainer_state.json``, which the Trainer writes after the weights, optimizer and RNG states, parses.
     """
@@ -72,7 +96,7 @@ def checkpoint_problem(ckpt: str | Path) -> str | None:
                 return f"{name} missing"
             if path.stat().st_size != want["size"]:
                 return f"{name} has {path.stat().st_size} bytes, {want['size']} saved"
-            if file_digest(path) != want["sha256"]:
+            if "sha256" in want and file_digest(path) != want["sha256"]:
                 return f"{name} differs from the saved sha256"
     try:
         json.loads((ckpt / STATE).read_text())
@@ -138,13 +162,16 @@ def _sound_best(args, state, damaged: Path) -> tuple[Path | None, float | None]:
 
 
 class ManifestCallback(TrainerCallback):
-    """Writes the manifest of every checkpoint the Trainer saves (main process), and verifies the best
-    checkpoint when it becomes best and when a resumed run inherits it: a damaged one (found by the
-    Trainer only when it loads the best model at the end, a crash without model/ or results.json) is
-    named in one warning line, left on disk, and replaced by the best sound one."""
+    """Writes the manifest of every checkpoint the Trainer saves (main process): the sizes at once (a
+    stat per file), the sha256 digests in a background thread (hashing reads every byte; training goes
+    on meanwhile; joined when training ends). Verifies the best checkpoint when it becomes best and when
+    a resumed run inherits it: a damaged one (found by the Trainer only when it loads the best model at
+    the end, a crash without model/ or results.json) is named in one warning line, left on disk, and
+    replaced by the best sound one."""
 
     def __init__(self) -> None:
         self.verified: str | None = None
+        self.hashing: list[threading.Thread] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._verify_best(args, state)
@@ -152,8 +179,17 @@ class ManifestCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         ckpt = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if args.should_save and os.path.isdir(ckpt):
-            write_manifest(ckpt)
+            write_manifest(ckpt, digests=False)
+            thread = threading.Thread(target=add_digests, args=(ckpt,), name=f"deltakd-digests-{state.global_step}",
+                                      daemon=True)
+            thread.start()
+            self.hashing.append(thread)
         self._verify_best(args, state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for thread in self.hashing:
+            thread.join()
+        self.hashing.clear()
 
     def _verify_best(self, args, state) -> None:
         best = state.best_model_checkpoint
