@@ -311,6 +311,13 @@ class TrainConfig(Strict):
     metric_for_best: str | None = None
     logging_steps: int = Field(default=10, gt=0)
     save_total_limit: int = Field(default=2, ge=1)
+    keep_checkpoints: Literal["best_last", "all"] | Annotated[int, Field(gt=0)] = Field(
+        default="best_last", description="checkpoints kept: best_last (during training the Trainer keeps "
+        "train.save_total_limit; at the end only the best and the last), all (every saved one), N (the N newest "
+        "plus the best, during training and after); checkpoints/best and checkpoints/last name them")
+    save_optimizer: bool = Field(default=True, description="false: checkpoints hold the weights only (transformers' "
+                                 "save_only_model), no optimizer, scheduler or RNG state: smaller, but --resume is "
+                                 "refused (training could not continue exactly)")
     bf16: bool = False
     fp16: bool = False
     num_workers: int = Field(default=0, ge=0)
@@ -324,6 +331,9 @@ class TrainConfig(Strict):
             if self.save_every % self.eval_every:
                 raise ValueError(f"train.save_every ({self.save_every}) must be a multiple of "
                                  f"train.eval_every ({self.eval_every}) so the best model is among the checkpoints")
+        if self.keep_checkpoints != "best_last" and "save_total_limit" in self.model_fields_set:
+            raise ValueError(f"train.save_total_limit and train.keep_checkpoints: {self.keep_checkpoints} both say how "
+                             "many checkpoints to keep; set one")
         return self
 
 

@@ -29,7 +29,7 @@ from ..utils import cpu_only
 from .callbacks import MetricsLogCallback
 from .checkpoints import (
     ManifestCallback,
-    check_not_trained,
+    check_resumable,
     checkpoint_step,
     keep_best_and_last,
     last_complete_checkpoint,
@@ -109,7 +109,7 @@ def run(recipe: Any, family: Family, resume: bool = False, init: Callable[[Prepa
         run, lock = claim(run, recipe, family, state)
     try:
         if resume:
-            check_not_trained(run)  # never train a trained run again from step 0
+            check_resumable(run, recipe)  # never train a trained run again from step 0, nor inexactly
         prep = family.prepare(recipe)  # bad data or model fails here, before anything is written
         if init is not None and not resume:
             init(prep)
@@ -151,7 +151,7 @@ def train(prep: Prepared, family: Family, run: RunDir, resume: bool = False, is_
     nonfinite_metric_warnings(metrics)
     if not is_main:
         return None
-    ckpt_info = keep_best_and_last(run, trainer.state.best_model_checkpoint)
+    ckpt_info = keep_best_and_last(run, trainer.state.best_model_checkpoint, recipe.train.keep_checkpoints)
     family.save_model(prep, trainer, run)
     results = RunResults(
         name=recipe.name, run_dir=str(run.path), family=family.name, metrics=metrics,
