@@ -252,3 +252,18 @@ def test_manifest_sizes_at_save_digests_later_and_both_find_damage(tmp_path):
     assert checkpoint_problem(ckpt) == "model.safetensors differs from the saved sha256"
     shutil.rmtree(ckpt)  # rotated away by the Trainer before the digests were written: no folder remade
     assert not add_digests(ckpt) and not ckpt.exists()
+
+
+def test_a_run_saved_before_a_new_recipe_key_still_matches_its_recipe(tmp_path, toy_task):
+    """A saved recipe.yaml without a key added later (its default) is the same recipe; a real change is not."""
+    from deltakd.families import FAMILIES
+
+    family = FAMILIES["classification"]
+    recipe = family.validate({"name": "old", "output_dir": str(tmp_path), "model": {"name": "minilm-l6"},
+                              "task": {"name": "sst2", "data_dir": str(toy_task)}, "peft": {"method": "lora"}},
+                             check_files=False)
+    saved = family.dump(recipe)
+    del saved["train"]["keep_checkpoints"]  # written by a version without the key
+    assert family.differences(saved, recipe) == []
+    saved["train"]["seed"] = 99
+    assert family.differences(saved, recipe) == ["train.seed"]

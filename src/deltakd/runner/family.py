@@ -68,6 +68,10 @@ class Family:
         description does not count (a reworded description trains the same model)."""
         if saved is None:
             return ["recipe.yaml (unreadable)"]
+        try:  # defaults of keys newer than the run filled in: a run made before a new key still resumes
+            saved = self.dump(self.validate(saved, source="saved recipe", check_files=False))
+        except (DeltakdError, ValueError):
+            pass  # compared as written
         return _diff({k: v for k, v in saved.items() if k != "description"},
                      {k: v for k, v in self.dump(recipe).items() if k != "description"}, "")
 
