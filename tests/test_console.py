@@ -106,6 +106,8 @@ def test_titles_and_paths_are_not_broken_at_80_columns(monkeypatch):
 
 
 def test_training_console_is_quiet_and_says_where_the_run_went(tmp_path, tiny_bert, toy_task):
+    with open(toy_task / "train.tsv", "a") as f:  # data of its own: tokenised here, not found in the cache
+        f.write("a quiet film\t1\n")
     recipe = tiny_recipe(tmp_path, tiny_bert, toy_task, peft="{method: lora, r: 4}", train=", max_steps: 6")
     out = cli("train", str(recipe))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -132,8 +134,11 @@ def test_training_console_is_quiet_and_says_where_the_run_went(tmp_path, tiny_be
 
 @pytest.mark.slow
 def test_verbose_training_shows_the_raw_library_output(tmp_path, tiny_bert, toy_task):
+    with open(toy_task / "train.tsv", "a") as f:  # data of its own: tokenised here, not found in the cache
+        f.write("a verbose film\t1\n")
     recipe = tiny_recipe(tmp_path, tiny_bert, toy_task, peft="{method: lora, r: 4}", train=", max_steps: 6")
     out = cli("--verbose", "train", str(recipe))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "{'loss'" in out.stdout and not COMPACT.search(out.stdout)
-    assert "LOAD REPORT" in out.stderr and "Saving the dataset" in out.stderr and "Loading weights" in out.stderr
+    for shown in ("LOAD REPORT", "is_gradient_checkpointing", "Loading weights", "tokenizing", "Saving the dataset"):
+        assert shown in out.stderr, shown

@@ -288,10 +288,11 @@ def main() -> None:
         err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")  # after --verbose
         hint = ("rerun the same deltakd sweep command: finished trials are skipped, the interrupted one resumes"
-                if "sweep" in sys.argv[1:2] else
+                if command == "sweep" else
                 "rerun the same deltakd transfer command: finished modules and target runs are reused"
-                if "transfer" in sys.argv[1:2] else "resume with: deltakd train RECIPE --resume")
+                if command == "transfer" else "resume with: deltakd train RECIPE --resume")
         err_console.print(f"interrupted; {hint}", markup=False)
         sys.exit(130)
 
