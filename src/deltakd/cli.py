@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
+from . import console as run_console
 from .errors import DeltakdError
 from .report.tables import print_results
 
@@ -30,6 +31,36 @@ def _api():
     return api
 
 
+def _validation():
+    """:mod:`deltakd.validation`: a recipe checked (kind, schema, files) before the api's heavy imports."""
+    from . import validation  # lazy: pydantic models; `deltakd --help` does without them
+
+    return validation
+
+
+def _dry_run(recipes) -> None:
+    """``--dry-run``: the resolved recipe(s) as YAML on stdout, nothing trained or written."""
+    sys.stdout.write(_validation().resolved_yaml(recipes))
+
+
+def _end_lines(run_dir: str | Path) -> None:
+    """Where a run's files went (unwrapped: a path is never broken across lines), and how to view its curves."""
+    run = Path(run_dir)
+    kept = [name for name in ("model/", "results.json", "metrics.jsonl", "recipe.yaml")
+            if (run / name.rstrip("/")).exists()]
+    console.print(f"run folder: {run}" + (f"  ({', '.join(kept)})" if kept else ""),
+                  markup=False, highlight=False, soft_wrap=True)
+    if (run / "tensorboard").is_dir():
+        console.print(f"curves: tensorboard --logdir {run / 'tensorboard'}", markup=False, highlight=False,
+                      soft_wrap=True)
+
+
+def _table(title: str) -> Table:
+    """A table titled in plain text (``[test]`` is not markup) and at least as wide as its title: a
+    title longer than its columns would be wrapped, breaking a name or path across lines."""
+    return Table(title=Text(title), min_width=len(title) + 2)
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"deltakd {__version__}")
@@ -38,20 +69,28 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
+                                       help="Print the version and exit."),
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the libraries' own output too (load "
+                                       "reports, warnings, every progress bar, raw Trainer logs).")) -> None:
     """Run experiments from YAML recipes."""
+    run_console.configure(verbose)
 
 
 @app.command()
 def train(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
           overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. train.lr=3e-5"),
-          resume: bool = typer.Option(False, "--resume", help="Continue the newest unfinished run of this recipe.")):
+          resume: bool = typer.Option(False, "--resume", help="Continue the newest unfinished run of this recipe."),
+          dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe (YAML) and exit.")):
     """Train a recipe; results go to runs/<name>/<timestamp>/."""
+    checked = _validation().check_run(recipe, overrides or [])  # a bad recipe: one line, before torch loads
+    if dry_run:
+        return _dry_run(checked)
     api = _api()
 
     results = api.train(recipe, overrides or [], resume=resume)
     if results:
         print_results(results, console)
+        _end_lines(results["run_dir"])
 
 
 @app.command()
@@ -63,12 +102,16 @@ def pipeline(recipes: List[Path] = typer.Argument(..., help="Multistage stage re
              test: bool = typer.Option(True, "--test/--no-test", help="Evaluate each stage after training."),
              log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Where runs go (every recipe's "
                                                     "output_dir); init_from stage names resolve there too."),
-             force: bool = typer.Option(False, "--force", help="Train every stage again, finished or not.")):
+             force: bool = typer.Option(False, "--force", help="Train every stage again, finished or not."),
+             dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved stage recipes (YAML) and exit.")):
     """Run multistage stages in order (init_from chains them); finished stages are skipped on a rerun."""
+    checked = _validation().check_pipeline(recipes, sets or [], init_from=init_from, output_dir=log_dir)
+    if dry_run:
+        return _dry_run(checked)
     api = _api()
 
     outcomes = api.pipeline(recipes, sets or [], init_from=init_from, test=test, log_dir=log_dir, force=force)
-    table = Table(title="multistage pipeline")
+    table = _table("multistage pipeline")
     for col in ("stage", "status", "params", "sts spearman x100", "translation acc", "sent/s", "run"):
         table.add_column(col, justify="left" if col in ("stage", "status", "run") else "right")
     for o in outcomes:
@@ -90,7 +133,8 @@ def eval_(run_dir: Path = typer.Argument(..., help="A finished run directory."),
     api = _api()
 
     metrics = api.evaluate(run_dir, split, batch_size)
-    table = Table(title=f"{run_dir} [{split}]")
+    console.print(f"run folder: {run_dir}", markup=False, highlight=False, soft_wrap=True)
+    table = _table(f"{Path(run_dir).parent.name}/{Path(run_dir).name} [{split}]")
     for k in metrics:
         table.add_column(k, justify="right")
     table.add_row(*[f"{v:.4f}" for v in metrics.values()])
@@ -142,7 +186,7 @@ def dialogue_eval(run_dir: Path = typer.Argument(..., help="A finished DailyDial
     res = api.dialogue_eval(run_dir, classifier, split, max_contexts, acts, greedy, max_new_tokens, temperature,
                             top_k or None, top_p, seed, batch_size, sensitivity, template_from=template_from)
     m = res["metrics"]
-    table = Table(title=f"{res['name']} [{split}, {res['generations']} generations]")
+    table = _table(f"{res['name']} [{split}, {res['generations']} generations]")
     keys = ["control_accuracy", "bleu", "distinct_1", "distinct_2", "empty_rate", "classifier_accuracy_on_references"]
     for k in ("control acc", "BLEU", "distinct-1", "distinct-2", "empty", "ceiling (refs)"):
         table.add_column(k, justify="right")
@@ -174,15 +218,20 @@ def sweep(recipe: Path = typer.Argument(..., help="Recipe YAML file with a sweep
           backend: str = typer.Option("local", "--backend", help="local (in-process, one trial after another) or ray."),
           ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address (ray only)."),
           cpus_per_trial: float = typer.Option(1.0, "--cpus-per-trial", min=0, help="Ray resources per trial."),
-          gpus_per_trial: float = typer.Option(0.0, "--gpus-per-trial", min=0, help="Ray resources per trial.")):
+          gpus_per_trial: float = typer.Option(0.0, "--gpus-per-trial", min=0, help="Ray resources per trial."),
+          dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe with its grid (YAML) "
+                                       "and exit.")):
     """Run the recipe's sweep: grid, one run per setting; rerun to resume. Output: runs/<name>-sweep/."""
+    checked = _validation().check_sweep(recipe, overrides or [])
+    if dry_run:
+        return _dry_run(checked)
     api = _api()
     from .report.sweep_stats import best_lines, summary_table  # lazy: plotting stack, as _api
 
     result = api.sweep(recipe, overrides or [], backend=backend, ray_address=ray_address,
                        cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial)
     headers, rows = summary_table(result.summary)
-    table = Table(title=f"sweep {result.summary.name}: mean ± std over seeds")
+    table = _table(f"sweep {result.summary.name}: mean ± std over seeds")
     for i, h in enumerate(headers):
         table.add_column(h, justify="left" if i < len(result.summary.keys) else "right")
     for row in rows:
@@ -208,14 +257,18 @@ def report(paths: List[Path] = typer.Argument(..., help="Run dirs, run-name fold
 @app.command()
 def transfer(recipe: Path = typer.Argument(..., help="Transfer recipe YAML file (top-level transfer: section)."),
              overrides: Optional[List[str]] = typer.Argument(
-                 None, help="Dotted overrides, e.g. transfer.target.seeds=[1] transfer.estimate.temperature=0.5")):
+                 None, help="Dotted overrides, e.g. transfer.target.seeds=[1] transfer.estimate.temperature=0.5"),
+             dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe (YAML) and exit.")):
     """Train source modules (reused when finished), estimate similarities, fuse, tune k-shot targets; rerun to resume."""
+    checked = _validation().check_transfer(recipe, overrides or [])
+    if dry_run:
+        return _dry_run(checked)
     api = _api()
     from .transfer.report import results_rows  # lazy: as _api
 
     result = api.transfer(recipe, overrides or [])
     headers, rows, _ = results_rows(result, list(dict.fromkeys(r.target for r in result.runs)))
-    table = Table(title=f"transfer {result.out_dir.name}: target metric x100, mean ± std over seeds")
+    table = _table(f"transfer {result.out_dir.name}: target metric x100, mean ± std over seeds")
     for i, h in enumerate(headers):
         table.add_column(h, justify="left" if i == 0 else "right")
     for row in rows:
@@ -235,10 +288,11 @@ def main() -> None:
         err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")  # after --verbose
         hint = ("rerun the same deltakd sweep command: finished trials are skipped, the interrupted one resumes"
-                if "sweep" in sys.argv[1:2] else
+                if command == "sweep" else
                 "rerun the same deltakd transfer command: finished modules and target runs are reused"
-                if "transfer" in sys.argv[1:2] else "resume with: deltakd train RECIPE --resume")
+                if command == "transfer" else "resume with: deltakd train RECIPE --resume")
         err_console.print(f"interrupted; {hint}", markup=False)
         sys.exit(130)
 

@@ -38,7 +38,7 @@ from rich.table import Table
 from . import families
 from .errors import DeltakdError, MissingExtraError, optional_import
 from .recipe import apply_overrides, load_raw
-from .recipe.load import parse_override
+from .recipe.load import parse_override, split_sweep_overrides
 from .report.compare import SWEEP_MANIFEST, load_run
 from .report.format import fmt_value, short_keys
 from .report.sweep_stats import SEED_KEY, SweepSummary, Trial, summarize, summary_chart, summary_csv, summary_markdown
@@ -123,22 +123,9 @@ def trial_names(base: str, settings: list[dict[str, Any]]) -> list[str]:
     return names
 
 
-def _split_overrides(overrides: Iterable[str]) -> tuple[list[str], dict[str, list[Any]]]:
-    """``sweep.train.lr=[1e-5,2e-5]`` on the command line sets one grid key; the rest are ordinary overrides."""
-    plain, grid = [], {}
-    for text in overrides:
-        key = text.split("=", 1)[0].strip()
-        if key.startswith("sweep.") and "=" in text:
-            _, value = parse_override(text)
-            grid[key.removeprefix("sweep.")] = value if isinstance(value, list) else [value]
-        else:
-            plain.append(text)
-    return plain, grid
-
-
 def plan_sweep(recipe: str | Path | Any, overrides: Iterable[str] = ()) -> SweepPlan:
     """Expand the grid into validated trials (of any family). Raises DeltakdError (one line) on any bad key or value."""
-    plain, cli_grid = _split_overrides(overrides)
+    plain, cli_grid = split_sweep_overrides(overrides)
     if isinstance(recipe, (str, Path)):
         data, source = load_raw(recipe), str(recipe)
     else:

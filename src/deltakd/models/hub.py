@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from transformers.utils import logging as hf_logging
 
+from ..console import verbose
 from ..errors import DeltakdError, optional_import
 from ..utils import warning
 
@@ -36,10 +37,14 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+_QUIET_BARS = ("Loading weights", "Writing model shards")  # per model loaded / saved; deltakd reports both steps
+
+
 def _quiet_weight_loading(factory: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """transformers' progress bars, less its per-load "Loading weights" bar (two stderr lines for every
-    model, printed before a recipe's model checks can refuse it); downloads keep theirs."""
-    if kwargs.get("desc") == "Loading weights":
+    """transformers' progress bars, less its per-model "Loading weights" bar (two stderr lines for every
+    model, printed before a recipe's model checks can refuse it) and "Writing model shards" bar (one per
+    save, amid the training bar); both come back with ``deltakd --verbose``; downloads keep theirs."""
+    if kwargs.get("desc") in _QUIET_BARS and not verbose():
         kwargs = {**kwargs, "disable": True}
     return factory(*args, **kwargs)
 

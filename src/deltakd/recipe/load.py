@@ -122,6 +122,19 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return out
 
 
+def split_sweep_overrides(overrides: Iterable[str]) -> tuple[list[str], dict[str, list[Any]]]:
+    """``sweep.train.lr=[1e-5,2e-5]`` on the command line sets one grid key; the rest are ordinary overrides."""
+    plain, grid = [], {}
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if key.startswith("sweep.") and "=" in text:
+            _, value = parse_override(text)
+            grid[key.removeprefix("sweep.")] = value if isinstance(value, list) else [value]
+        else:
+            plain.append(text)
+    return plain, grid
+
+
 def _models_in(ann: Any) -> list[type[BaseModel]]:
     """Every pydantic model named by an annotation (through Optional, list, Union, Annotated)."""
     if isinstance(ann, type) and issubclass(ann, BaseModel):

@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 
 def _fmt(v: Any) -> str:
@@ -20,7 +21,8 @@ def results_table(results: dict[str, Any]) -> Table:
     """One row per split with its metrics, then parameters and speed."""
     metrics = results.get("metrics", {})
     names = sorted({k for m in metrics.values() for k in m if k != "loss"}) + ["loss"]
-    table = Table(title=f"{results.get('name', 'run')}  ({results.get('run_dir', '')})")
+    title = str(results.get("name", "run"))  # the run folder: a line of its own (a title wraps a long path)
+    table = Table(title=Text(title), min_width=len(title) + 2)
     table.add_column("split")
     for n in names:
         table.add_column(n, justify="right")
@@ -36,7 +38,7 @@ def print_results(results: dict[str, Any], console: Console | None = None) -> No
     if p:
         console.print(f"parameters: {p['total']:,} total, {p['trainable']:,} trainable "
                       f"({p['trainable_pct']:.2f}%)   train: {results.get('train_samples_per_second', 0):.1f} "
-                      f"samples/s, wall time {results.get('wall_time_s', 0) / 60:.1f} min")
+                      f"samples/s, wall time {results.get('wall_time_s', 0) / 60:.1f} min", soft_wrap=True)
     d = results.get("distill")
     if d and d.get("teacher_metrics"):
         console.print(teacher_student_table(results))

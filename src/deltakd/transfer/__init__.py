@@ -9,10 +9,23 @@ a task-similarity estimate, into the initial module of a (few-shot) target task:
                                     source_scaling=2.0, target_scaling=2.0)
 """
 
-from .estimators import ESTIMATORS, UnknownEstimatorError, get_estimator, leave_one_out, softmax_weights
-from .fuse import fuse_heads, fuse_modules
-from .merging import Combine
-from .state_dicts import TransferError, split_head
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# name -> submodule; loaded on first use (PEP 562) so that ``deltakd.transfer.recipe`` validates a
+# recipe without importing torch (the CLI refuses a bad recipe before the heavy imports)
+_LAZY = {"ESTIMATORS": "estimators", "UnknownEstimatorError": "estimators", "get_estimator": "estimators",
+         "leave_one_out": "estimators", "softmax_weights": "estimators", "fuse_heads": "fuse",
+         "fuse_modules": "fuse", "Combine": "merging", "TransferError": "state_dicts", "split_head": "state_dicts"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ESTIMATORS",

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from .estimator_names import ESTIMATOR_NAMES
 from .state_dicts import StateDict, TransferError, flatten_delta
 
 __all__ = [
@@ -371,6 +372,10 @@ ESTIMATORS: dict[str, Callable[..., Tensor]] = {
     "logits_labels": logits_labels_cosine,
 }
 """Estimator name -> function (see the table in this module's docstring for inputs and signs)."""
+
+if tuple(ESTIMATORS) != ESTIMATOR_NAMES:  # the recipe validates names from the light tuple, before torch loads
+    raise ImportError(f"transfer.estimator_names.ESTIMATOR_NAMES {ESTIMATOR_NAMES} does not list ESTIMATORS "
+                      f"{tuple(ESTIMATORS)}; add the new estimator's name there too")
 
 
 def get_estimator(name: str) -> Callable[..., Tensor]:

@@ -30,12 +30,12 @@ from ..errors import DeltakdError
 from ..recipe.kinds import TRANSFER, recipe_kind
 from ..recipe.load import apply_overrides, format_validation_error, load_raw
 from ..recipe.schema import BottleneckPeft, LoraPeft, PrefixPeft, Strict, TaskConfig, TrainConfig
-from .estimators import ESTIMATORS
+from .estimator_names import ESTIMATOR_NAMES
 
 TransferPeft = Annotated[LoraPeft | BottleneckPeft | PrefixPeft, Field(discriminator="method")]
 
 #: Estimators the orchestration knows how to feed (``kl_shift`` too: the prediction shift of tuning).
-RUNNABLE_ESTIMATORS = tuple(ESTIMATORS)
+RUNNABLE_ESTIMATORS = ESTIMATOR_NAMES
 
 _TASK_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
