@@ -112,7 +112,8 @@ def test_untrained_student_from_the_teacher_shape_learns(tmp_path):
 
     data = _text(tmp_path)
     base = _base(tmp_path, data)
-    api.train(write_recipe(tmp_path / "teacher.yaml", base.replace("epochs: 3", "epochs: 1") + """
+    base = base.replace("epochs: 3", "max_steps: 12").replace("logging_steps: 5", "logging_steps: 2")
+    api.train(write_recipe(tmp_path / "teacher.yaml", base.replace("max_steps: 12", "max_steps: 4") + """
 name: t
 model: {config: {model_type: gpt2, n_layer: 4, n_embd: 32, n_head: 2, n_positions: 32}, vocab_size: 300}
 """))
@@ -136,6 +137,6 @@ distill: {{losses: {{ce: 0.5, kd: 0.5}}}}
     r = api.train(student)
     losses = [e["loss"] for e in map(json.loads, (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines())
               if "loss" in e and "loss_kd" in e]
-    assert len(losses) >= 3 and losses[-1] < 0.8 * losses[0], losses
-    assert r["metrics"]["test"]["perplexity"] < 300  # below the uniform guess over the vocabulary
+    assert len(losses) >= 3 and losses[-1] < 0.95 * losses[0] and losses[-1] == min(losses), losses
+    assert r["metrics"]["test"]["perplexity"] < 300  # below the uniform guess over the 300-token vocabulary
     assert json.loads((Path(r["run_dir"]) / "model" / "config.json").read_text())["n_layer"] == 2
