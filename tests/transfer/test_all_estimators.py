@@ -18,8 +18,8 @@ from deltakd.errors import DeltakdError
 
 from .test_e2e import _recipe
 
-ALL = [e for e in ("task_groups", "cosine", "euclidean", "dev_change", "loss", "kl", "kl_shift", "el2n", "grand",
-                   "logits_labels", "kl_original")]
+ALL = ["task_groups", "cosine", "euclidean", "dev_change", "loss", "kl", "kl_shift", "el2n", "grand",
+       "logits_labels", "kl_original"]
 # the sign of each raw score (higher = more similar): minus a distance / loss / divergence / norm is <= 0
 NON_POSITIVE = {"euclidean", "loss", "kl", "kl_shift", "el2n", "grand", "kl_original"}
 
@@ -121,7 +121,7 @@ def test_every_estimator_runs_end_to_end_with_distinct_weights(everything):
 def test_init_from_start_is_exactly_the_given_module(everything):
     from deltakd.transfer.library import given_module
 
-    path, res, given, started = everything
+    _, res, given, started = everything
     got = started["pos--init_from--s1"]
     delta = {k: v for k, v in got.items() if "classifier" not in k}
     assert set(delta) == set(given)
@@ -164,7 +164,7 @@ def test_bad_init_from_fails_with_one_line_exit_2_and_writes_nothing(tiny_bert, 
     assert not (tmp_path / "out").exists() and not (tmp_path / "lib").exists()
     cli = subprocess.run([sys.executable, "-c", "from deltakd.cli import main; main()", "transfer", str(path),
                           f"transfer.target.init_from={tmp_path / 'missing'}"], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, check=False)
     assert cli.returncode == 2, cli.stderr
     assert cli.stderr.strip() == f"error: transfer.target.init_from: '{tmp_path / 'missing'}' does not exist"
     assert not (tmp_path / "out").exists()

@@ -11,9 +11,10 @@ Starts: ``random`` (a fresh module), ``uniform`` (the plain average), ``best_sin
 source ranked best by ``estimate.best_single_by``), one per estimator, ``uniform_factors`` (the
 naive LoRA factor average) with ``fusion.factor_baseline``, and ``init_from`` (the module named by
 ``transfer.target.init_from``, the original's ``train_checkpoint``: a library module, a
-``.safetensors`` file or a finished run, checked against the target model before any work). A target's own source module never takes
-part (leave-one-out). The target's head starts fresh (the same seeded initialisation for every
-start) unless ``fusion.heads: same_labels`` and every source shares the target's label set.
+``.safetensors`` file or a finished run, checked against the target model before any work). A
+target's own source module never takes part (leave-one-out). The target's head starts fresh (the
+same seeded initialisation for every start) unless ``fusion.heads: same_labels`` and every source
+shares the target's label set.
 
 Rerunning is cheap: finished source modules, estimates and target runs whose recipe and start are
 unchanged are reused.
@@ -122,7 +123,8 @@ def normalise(scores: Tensor, how: str) -> Tensor:
 
 def scores_from_probes(recipe: TransferRecipe, target: str, sources: list[str], probes: list[Any],
                        target_state: dict[str, Tensor] | None, labels: Tensor,
-                       modules: dict[str, SourceModule], target_dev_logits: Tensor | None = None) -> dict[str, list[float]]:
+                       modules: dict[str, SourceModule],
+                       target_dev_logits: Tensor | None = None) -> dict[str, list[float]]:
     """Every estimator's raw scores (higher = more similar), one per source  # (S,)"""
     spec = recipe.transfer
     out: dict[str, Tensor] = {}
