@@ -11,8 +11,10 @@ accuracy of random init, the uniform average, the best single source and each es
 the best estimator beats random init by >= 3 points on average and beats the uniform average.
 
 Presets (each option below overrides its preset value):
-- ``full``: the recipe as written (10 sources, 4 targets, 64-shot, 3 seeds, all 9 estimators, 2x2 grid,
-  4000 source examples); hours on a 2-core CPU, minutes on a GPU.
+- ``full``: the recipe as written (10 sources, 4 targets, 64-shot, 3 seeds, 2x2 grid, 4000 source
+  examples) with every registered estimator (``deltakd.transfer.estimators.ESTIMATORS`` but the
+  ``uniform`` baseline, which is a start of its own: task_groups, cosine, euclidean, dev_change, loss,
+  kl, kl_shift, kl_original, el2n, grand, logits_labels); hours on a 2-core CPU, minutes on a GPU.
 - ``cpu``: 6 sources, 4 targets, 64-shot, 3 seeds, 3 estimators,
   one grid cell, 2000 source examples x 2 epochs, 8 target epochs, valid/test capped at 200 examples,
   no factor-wise LoRA baseline. Measured on 2 cores: ~3 minutes per source module, then 5-9 minutes
@@ -35,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "transfer" / "minilm_lora.yaml"
 
 PRESETS: dict[str, dict] = {
-    "full": {},
+    "full": {"estimators": "all"},  # every estimator of the registry (resolved in preset())
     "cpu": {"sources": ["sst2", "mr", "cr", "subj", "mpqa", "rte"], "targets": ["mr", "cr", "subj", "rte"],
             "k": 64, "seeds": [1, 2, 3], "estimators": ["task_groups", "cosine", "loss"], "factor_baseline": False,
             "source_samples": 2000, "source_epochs": 2, "grid": ([1e-3], [32]), "target_epochs": 8,
@@ -72,6 +74,16 @@ def overrides_for(p: dict, output_dir: str, library: str | None) -> list[str]:
     return out
 
 
+def preset(name: str) -> dict:
+    """The preset's settings, ``estimators: all`` resolved to every registered estimator but ``uniform``."""
+    p = dict(PRESETS[name])
+    if p.get("estimators") == "all":
+        from deltakd.transfer.estimators import ESTIMATORS
+
+        p["estimators"] = [e for e in ESTIMATORS if e != "uniform"]
+    return p
+
+
 def main() -> None:
     from deltakd.transfer.report import pm
     from deltakd.transfer.results import summarise
@@ -90,7 +102,7 @@ def main() -> None:
     ap.add_argument("--output-dir", default=None, help="default runs/bench-transfer-<preset>")
     ap.add_argument("--library", default=None, help="module library folder (default: the recipe's)")
     a = ap.parse_args()
-    p = dict(PRESETS[a.preset])
+    p = preset(a.preset)
     for key in ("sources", "targets", "k", "seeds", "estimators", "source_samples", "target_epochs", "eval_samples"):
         if getattr(a, key) is not None:
             p[key] = getattr(a, key)

@@ -20,6 +20,7 @@ from deltakd.transfer.estimators import (
     get_estimator,
     grand,
     kl,
+    kl_original,
     kl_shift,
     leave_one_out,
     logits_labels_cosine,
@@ -124,6 +125,28 @@ def test_kl_shift():
     torch.testing.assert_close(kl_shift(LOGITS, after), expect([want, 0.0]))
 
 
+def test_kl_original_target_tuned_from_random_init_vs_each_source():
+    """-mean_x KL(p_target || p_source): the original's definition (P = the target checkpoint)."""
+    target = t(np.log([P1, P0]))  # (E=2, C=2): the target model predicts [.5, .5], then [.8, .2]
+    # source 0 ([.8, .2] twice): KL([.5,.5]||[.8,.2]) on x0, 0 on x1; source 1 ([.5,.5]): 0, KL([.8,.2]||[.5,.5])
+    k1 = 0.5 * np.log(0.5 / 0.8) + 0.5 * np.log(0.5 / 0.2)
+    k2 = 0.8 * np.log(0.8 / 0.5) + 0.2 * np.log(0.2 / 0.5)
+    torch.testing.assert_close(kl_original(target, LOGITS), expect([-k1 / 2, -k2 / 2]))
+    # the direction matters (KL is not symmetric): the swapped reading gives other values
+    assert not torch.allclose(kl_original(target, LOGITS), expect([-k2 / 2, -k1 / 2]))
+    # a source predicting exactly what the target model predicts scores 0, the best possible
+    assert kl_original(target, target.unsqueeze(0)).item() == pytest.approx(0.0, abs=1e-12)
+    # classes with probability 0 (either side) are left out instead of giving inf / nan
+    hard = t([[0.0, -math.inf]])  # p = [1, 0]
+    src = t([[[0.0, 0.0]], [[0.0, -math.inf]]])
+    got = kl_original(hard, src)
+    torch.testing.assert_close(got, expect([-math.log(2.0), 0.0]))
+    with pytest.raises(TransferError, match="differ in shape"):
+        kl_original(t([[0.0, 0.0, 0.0]]), LOGITS)
+    # not the project's label-marginal kl: different inputs, different values
+    assert not torch.allclose(kl(LOGITS, LABELS), kl_original(target, LOGITS))
+
+
 def test_el2n():
     # source 0: y=0 -> ||[-.2, .2]|| = .2 sqrt2; y=1 -> ||[.8, -.8]|| = .8 sqrt2; mean .5 sqrt2
     # source 1: ||[-.5, .5]|| = .5 sqrt2 for both
@@ -224,7 +247,7 @@ def test_softmax_weights_with_temperature():
 
 def test_registry_names_and_unknown_name_error():
     assert set(ESTIMATORS) == {"uniform", "task_groups", "cosine", "euclidean", "dev_change", "loss", "kl",
-                               "kl_shift", "el2n", "grand", "logits_labels"}
+                               "kl_shift", "kl_original", "el2n", "grand", "logits_labels"}
     assert get_estimator("el2n") is el2n
     with pytest.raises(UnknownEstimatorError, match="unknown similarity estimator 'l2n'; valid: cosine, ") as e:
         get_estimator("l2n")

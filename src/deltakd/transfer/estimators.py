@@ -14,6 +14,9 @@ into fusion weights. Sign conventions (all "higher = transfer more from this sou
 - ``loss`` (logits + labels, or losses): minus the mean cross-entropy of the target data;
 - ``kl`` (logits + labels): ``-KL(q || p_bar)``, ``q`` the target's empirical label distribution,
   ``p_bar`` the source's mean predictive distribution on the target examples;
+- ``kl_original`` (target logits + source logits): ``-mean_x KL(p_target(.|x) || p_source(.|x))``,
+  ``p_target`` a module tuned *from random init* on the target's k-shot data, ``p_source`` the
+  source module, both on the target's dev examples (the original's definition, see below);
 - ``kl_shift`` (logits before/after): ``-mean_x KL(p_tuned(.|x) || p_source(.|x))``, the prediction
   shift that tuning the source-initialised model on the target causes;
 - ``el2n`` (logits + labels): ``-mean_x ||softmax(f(x)) - onehot(y)||_2``;
@@ -27,6 +30,21 @@ Early in Training" (scores of examples, averaged here over the target's examples
 than an expectation over initialisations). ``kl`` compares label marginals: the per-example
 ``KL(onehot(y) || p(.|x))`` is exactly the cross-entropy, i.e. the ``loss`` estimator; ``kl_shift``
 is the other reading (source-initialised vs target-tuned predictions).
+
+Two definitions of the KL estimator are offered, under two names:
+
+- ``kl`` (this project's): a label-marginal comparison, needing no model tuned on the target; it
+  only sees whether a source's predictions on the target are distributed like the target's labels.
+- ``kl_original`` (the original's): the original trains a checkpoint on the target's 64-shot data
+  *from random init* (no source involved), then, for every source module, sums over the target's
+  dev examples ``KL(P || Q)``, ``P`` the target checkpoint's predictive distribution and ``Q`` the
+  source checkpoint's (entries where either is 0 dropped); a smaller divergence means a more
+  similar source. Here the predictions are over the target's classes (a source module gets a head
+  fitted on the target's k-shot features, as for the other logit-based estimators, since its own
+  head means other classes), the sum is a mean (the same scale for every source) and it is negated
+  (higher = more similar). The target checkpoint is a fresh module with a fitted head tuned
+  ``estimate.steps`` AdamW steps on the k-shot data (the probe tuning that ``cosine`` uses too), not
+  a converged run: raise ``estimate.steps`` to come closer to the original's converged checkpoint.
 """
 
 from __future__ import annotations
@@ -53,6 +71,7 @@ __all__ = [
     "get_estimator",
     "grand",
     "kl",
+    "kl_original",
     "kl_shift",
     "leave_one_out",
     "logits_labels_cosine",
@@ -230,6 +249,22 @@ def kl(logits: Logits, labels: Tensor) -> Tensor:
     return -terms.sum(-1)
 
 
+def kl_original(target_logits: Tensor, source_logits: Logits) -> Tensor:
+    """``-mean_x KL(p_target(.|x) || p_source(.|x))``: the original's KL estimator, ``p_target`` the
+    predictions of a module tuned from random init on the target's k-shot data ``(E, C)``, ``p_source``
+    each source module's predictions on the same examples ``(S, E, C)``; terms where either
+    probability is 0 are left out  # (S,)"""
+    zs = _stack_logits(source_logits)  # (S, E, C)
+    zt = _stack_logits(torch.as_tensor(target_logits).unsqueeze(0))[0]  # (E, C)
+    if zt.shape != zs.shape[1:]:
+        raise TransferError(f"target logits {tuple(zt.shape)} and source logits {tuple(zs.shape[1:])} differ in shape")
+    lt, ls = zt.log_softmax(-1).unsqueeze(0), zs.log_softmax(-1)  # (1, E, C), (S, E, C)
+    pt = lt.exp()
+    keep = (pt > 0) & (ls.exp() > 0)
+    terms = torch.where(keep, pt * (lt - ls), torch.zeros_like(ls))
+    return -terms.sum(-1).mean(1)
+
+
 def kl_shift(logits_before: Logits, logits_after: Logits) -> Tensor:
     """``-mean_x KL(p_after(.|x) || p_before(.|x))``: how far tuning each source-initialised model on
     the target moves its predictions on the target examples  # (S,)"""
@@ -367,6 +402,7 @@ ESTIMATORS: dict[str, Callable[..., Tensor]] = {
     "loss": target_loss,
     "kl": kl,
     "kl_shift": kl_shift,
+    "kl_original": kl_original,
     "el2n": el2n,
     "grand": grand,
     "logits_labels": logits_labels_cosine,

@@ -34,7 +34,7 @@ from ..runs import RunResults
 from ..sweep import run_sweep
 from ..utils import atomic_save_tensors, atomic_write_json, text_digest
 from .recipe import TransferRecipe
-from .state_dicts import TransferError, lora_scaling
+from .state_dicts import TransferError, lora_scaling, split_head
 
 MODULE_FILE = "module.safetensors"
 META_FILE = "meta.json"
@@ -217,3 +217,33 @@ def build_module(recipe: TransferRecipe, task: str, progress: bool = True) -> So
 
 def _labels_of(run_dir: str | Path) -> list[str] | None:
     return read_meta(find_model_dir(run_dir)).get("labels")
+
+
+def given_module(path: str | Path, what: str = "transfer.target.init_from") -> dict[str, Tensor]:
+    """The delta module stored at ``path``, its head dropped (the target's head starts fresh): a
+    library module folder (``module.safetensors`` + ``meta.json``), a ``.safetensors`` file of delta
+    parameters (e.g. a ``fused/`` start), or a finished run / its ``model/`` folder / a recipe's run
+    folder (its newest finished run). Bad input: one-line :class:`DeltakdError` naming ``what``."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DeltakdError(f"{what}: '{p}' does not exist")
+    try:
+        if p.is_file():
+            if p.suffix != ".safetensors":
+                raise DeltakdError(f"{what}: '{p}' is not a .safetensors file, a module folder or a run")
+            state = load_file(str(p))
+        elif (p / MODULE_FILE).is_file():
+            state = load_file(str(p / MODULE_FILE))
+        else:
+            model, _ = load_trained(find_model_dir(p, what))
+            state = delta_state(model)
+    except DeltakdError as err:
+        msg = str(err)
+        raise DeltakdError(msg if msg.startswith(what) else f"{what}: {msg}") from None
+    except Exception as err:  # a corrupt file, a folder transformers cannot read
+        raise DeltakdError(f"{what}: cannot read a module from '{p}': "
+                           f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    delta = {k: v.contiguous() for k, v in split_head(state)[0].items()}
+    if not delta:
+        raise DeltakdError(f"{what}: '{p}' holds no delta module parameters")
+    return delta

@@ -190,11 +190,14 @@ class SourceProbe:
     dev_after: float | None = None
     logits_before: Tensor | None = None  # (E, C)
     logits_after: Tensor | None = None
+    dev_logits: Tensor | None = None  # (D, C) on the dev subset, the fitted head, before tuning
+    dev_logits_after: Tensor | None = None  # (D, C) after tuning
 
 
 def probe_module(model: nn.Module, data: ProbeData, *, fit: bool, grads: bool, tuning: bool, steps: int,
-                 lr: float, batch_size: int, folds: int, seed: int) -> SourceProbe:
-    """Fit the head on ``model``'s features, then collect what ``fit`` / ``grads`` / ``tuning`` ask for.
+                 lr: float, batch_size: int, folds: int, seed: int, dev: bool = False) -> SourceProbe:
+    """Fit the head on ``model``'s features, then collect what ``fit`` / ``grads`` / ``tuning`` / ``dev``
+    (logits on the dev subset, before and, when ``tuning``, after tuning) ask for.
     ``model`` is changed (head set, and tuned when ``tuning``)."""
     out = SourceProbe()
     cv, w, b = fit_head(features(model, data.train, data.num_labels), data.labels, data.num_labels, folds, seed)
@@ -204,6 +207,8 @@ def probe_module(model: nn.Module, data: ProbeData, *, fit: bool, grads: bool, t
     inputs = {k: v for k, v in data.train.items() if k != "labels"}
     if grads:
         out.grad_norms = per_example_grad_norms(model, inputs, data.labels)
+    if dev:
+        out.dev_logits = logits(model, data.dev)
     if tuning:
         out.before = split_head(delta_state(model))[0]
         out.dev_before = dev_metric(model, data)
@@ -212,6 +217,8 @@ def probe_module(model: nn.Module, data: ProbeData, *, fit: bool, grads: bool, t
         out.after = split_head(delta_state(model))[0]
         out.dev_after = dev_metric(model, data)
         out.logits_after = logits(model, data.train)
+        if dev:
+            out.dev_logits_after = logits(model, data.dev)
     return out
 
 

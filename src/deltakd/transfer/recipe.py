@@ -66,6 +66,9 @@ class TargetConfig(Strict):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=20, lr=5e-4, batch_size=16, eval_every=8,
                                                                    early_stop=5))
     max_eval_samples: int | None = Field(default=None, gt=0, description="cap on the target's valid/test split")
+    init_from: Path | None = Field(
+        default=None, description="an extra start 'init_from': every target also trains from this delta module "
+        "(a library module folder, a .safetensors file, or a finished run / its model folder); head fresh")
 
     @field_validator("seeds")
     @classmethod
@@ -82,7 +85,9 @@ class EstimateConfig(Strict):
     on each source-adapted model's features (cross-validated logits -> loss, kl, el2n, logits_labels;
     gradient norms with that head -> grand); ``steps`` of tuning on the k-shot data from each source ->
     euclidean, dev_change, kl_shift (and ``dev_after`` for the best single source); a fresh module tuned
-    ``steps`` on the target -> cosine. Scores are z-scored per target (``normalize``) so one
+    ``steps`` on the target -> cosine, and with the sources' logits on the dev subset -> kl_original (the
+    original's KL: target tuned from random init vs each source; ``kl`` is this project's label-marginal KL,
+    see :mod:`deltakd.transfer.estimators`). Scores are z-scored per target (``normalize``) so one
     ``temperature`` means the same for every estimator, then ``softmax(score / temperature)``.
     """
 

@@ -93,7 +93,8 @@ def write_results(result: TransferResult, recipe: TransferRecipe) -> dict[str, P
     files = {"csv": root / "results.csv", "markdown": root / "results.md", "weights_csv": root / "weights.csv",
              "heatmap": root / "weights.png"}
     headers, md_rows, csv_rows = results_rows(result, targets)
-    weighted = [s for s in result.starts if s != "random"]
+    # starts with fusion weights (random and init_from have none)
+    weighted = [s for s in result.starts if s != "random" and all(s in e.weights for e in result.estimates)]
     wrows: list[list[Any]] = [["start", "target", "seed", "source", "weight", "score"]]
     for e in result.estimates:
         for start in weighted:

@@ -8,10 +8,13 @@ Layout under ``<output_dir>/<name>/``::
     results.csv  results.md  weights.csv  weights.png   (written atomically at the end)
 
 Starts: ``random`` (a fresh module), ``uniform`` (the plain average), ``best_single`` (one-hot on the
-source ranked best by ``estimate.best_single_by``), one per estimator, and ``uniform_factors`` (the
-naive LoRA factor average) with ``fusion.factor_baseline``. A target's own source module never takes
-part (leave-one-out). The target's head starts fresh (the same seeded initialisation for every
-start) unless ``fusion.heads: same_labels`` and every source shares the target's label set.
+source ranked best by ``estimate.best_single_by``), one per estimator, ``uniform_factors`` (the
+naive LoRA factor average) with ``fusion.factor_baseline``, and ``init_from`` (the module named by
+``transfer.target.init_from``, the original's ``train_checkpoint``: a library module, a
+``.safetensors`` file or a finished run, checked against the target model before any work). A
+target's own source module never takes part (leave-one-out). The target's head starts fresh (the
+same seeded initialisation for every start) unless ``fusion.heads: same_labels`` and every source
+shares the target's label set.
 
 Rerunning is cheap: finished source modules, estimates and target runs whose recipe and start are
 unchanged are reused.
@@ -41,7 +44,7 @@ from ..runs import RunDir, latest_run, read_recipe_data
 from ..utils import atomic_save_tensors, atomic_write_json, text_digest
 from . import estimators as est
 from .fuse import fuse_modules
-from .library import SourceModule, _task_dict, build_module, delta_state, load_delta, source_recipe
+from .library import SourceModule, _task_dict, build_module, delta_state, given_module, load_delta, source_recipe
 from .merging import Combine
 from .probe import ProbeData, fresh_copy, pad_dataset, probe_module
 from .recipe import TransferRecipe, load_transfer_recipe
@@ -54,8 +57,10 @@ CLASSIFICATION = FAMILIES["classification"]  # source and target runs are classi
 FIT = {"loss", "kl", "el2n", "logits_labels"}
 GRADS = {"grand"}
 TUNING = {"euclidean", "dev_change", "kl_shift"}
-TARGET_PROBE = {"cosine"}
+TARGET_PROBE = {"cosine", "kl_original"}  # need a fresh module tuned on the target
+DEV = {"kl_original"}  # need logits on the target's dev subset
 BASE_STARTS = ("random", "uniform", "best_single")
+GIVEN = "init_from"  # the start from the module named by transfer.target.init_from
 
 
 def starts_of(recipe: TransferRecipe) -> list[str]:
@@ -64,6 +69,8 @@ def starts_of(recipe: TransferRecipe) -> list[str]:
     out = list(BASE_STARTS)
     if spec.fusion.factor_baseline and spec.peft.method == "lora":
         out.append("uniform_factors")
+    if spec.target.init_from is not None:
+        out.append(GIVEN)
     out += [e for e in spec.estimate.estimators if e != "uniform"]
     return out
 
@@ -116,7 +123,8 @@ def normalise(scores: Tensor, how: str) -> Tensor:
 
 def scores_from_probes(recipe: TransferRecipe, target: str, sources: list[str], probes: list[Any],
                        target_state: dict[str, Tensor] | None, labels: Tensor,
-                       modules: dict[str, SourceModule]) -> dict[str, list[float]]:
+                       modules: dict[str, SourceModule],
+                       target_dev_logits: Tensor | None = None) -> dict[str, list[float]]:
     """Every estimator's raw scores (higher = more similar), one per source  # (S,)"""
     spec = recipe.transfer
     out: dict[str, Tensor] = {}
@@ -140,6 +148,8 @@ def scores_from_probes(recipe: TransferRecipe, target: str, sources: list[str], 
             out[name] = est.grand([p.grad_norms for p in probes])
         elif name == "loss":
             out[name] = est.target_loss([p.cv_logits for p in probes], labels)
+        elif name == "kl_original":  # the target tuned from random init vs each source, on the dev subset
+            out[name] = est.kl_original(target_dev_logits, [p.dev_logits for p in probes])
         else:  # kl, el2n, logits_labels: (logits, labels)
             out[name] = est.get_estimator(name)([p.cv_logits for p in probes], labels)
     return {k: [float(x) for x in v] for k, v in out.items()}
@@ -198,16 +208,19 @@ def estimate_target(recipe: TransferRecipe, target: str, seed: int, modules: dic
         model = fresh_copy(pristine)
         load_delta(model, _without_head(modules[s].state))
         probes.append(probe_module(model, data, fit=bool(names & FIT), grads=bool(names & GRADS), tuning=tuning,
-                                   steps=e.steps, lr=e.lr, batch_size=e.batch_size, folds=e.folds, seed=seed))
+                                   steps=e.steps, lr=e.lr, batch_size=e.batch_size, folds=e.folds, seed=seed,
+                                   dev=bool(names & DEV)))
         del model
-    target_state = None
-    if names & TARGET_PROBE:
+    target_state = target_dev_logits = None
+    if names & TARGET_PROBE:  # a fresh (random-init) module with a fitted head, tuned on the k-shot data
         set_seed(seed)
         model = fresh_copy(pristine)
-        probe_module(model, data, fit=False, grads=False, tuning=True, steps=e.steps, lr=e.lr,
-                     batch_size=e.batch_size, folds=e.folds, seed=seed)
+        tuned = probe_module(model, data, fit=False, grads=False, tuning=True, steps=e.steps, lr=e.lr,
+                             batch_size=e.batch_size, folds=e.folds, seed=seed, dev=bool(names & DEV))
         target_state = _without_head(delta_state(model))
-    scores = scores_from_probes(recipe, target, sources, probes, target_state, data.labels, modules)
+        target_dev_logits = tuned.dev_logits_after
+    scores = scores_from_probes(recipe, target, sources, probes, target_state, data.labels, modules,
+                                target_dev_logits)
     dev_after = [float(p.dev_after) for p in probes] if tuning else None
     weights = weights_from_scores(recipe, scores, dev_after, len(sources))
     result = Estimate(target, seed, sources, scores, weights, dev_after, digest)
@@ -296,12 +309,32 @@ def check_recipe(recipe: TransferRecipe) -> dict[str, Recipe]:
     return checked
 
 
+def given_start(recipe: TransferRecipe) -> dict[str, Tensor] | None:
+    """The delta module of ``transfer.target.init_from`` (head dropped), checked against the target
+    model's delta parameters (names and shapes) before any work; None without ``init_from``."""
+    tc = recipe.transfer.target
+    if tc.init_from is None:
+        return None
+    state = given_module(tc.init_from)
+    prep = CLASSIFICATION.prepare(target_recipe(recipe, recipe.transfer.targets[0], GIVEN, tc.seeds[0]))
+    own = _without_head(delta_state(prep.model))
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or extra or bad:
+        what = (f"lacks {missing[:2]}" if missing else f"has parameters the target model lacks: {extra[:2]}"
+                if extra else f"differs in shape at {bad[:2]}")
+        raise DeltakdError(f"transfer.target.init_from: the module at '{tc.init_from}' does not fit the target "
+                           f"model ({recipe.transfer.backbone} + {recipe.transfer.peft.method}): it {what}")
+    return {k: v.to(torch.float32).contiguous() for k, v in state.items()}
+
+
 def run_transfer(recipe: str | Path | TransferRecipe, overrides: Iterable[str] = (), console: Console | None = None,
                  progress: bool = True) -> TransferResult:
     """Run (or resume) a transfer recipe; see the module docstring."""
     if not isinstance(recipe, TransferRecipe):
         recipe = load_transfer_recipe(recipe, overrides)
     check_recipe(recipe)
+    given = given_start(recipe)
     spec = recipe.transfer
     console = (console or Console(stderr=True)) if progress else None
     starts = starts_of(recipe)
@@ -327,8 +360,8 @@ def run_transfer(recipe: str | Path | TransferRecipe, overrides: Iterable[str] =
             for start in starts:
                 name = run_name(target, start, seed)
                 rec = target_recipe(recipe, target, start, seed)
-                init_digest = "random" if start == "random" else \
-                    fusion_key(start, srcs, estimate.weights[start], spec.fusion.model_dump(mode="json"), seed)
+                init_digest = "random" if start == "random" else f"given:{state_digest(given)}" if start == GIVEN \
+                    else fusion_key(start, srcs, estimate.weights[start], spec.fusion.model_dump(mode="json"), seed)
                 prev = latest_run(rec.output_dir, name)
                 if (prev is not None and prev.finished and _same_start(manifest.get(name, {}), init_digest, srcs,
                                                                      estimate.weights.get(start), prev)
@@ -342,13 +375,13 @@ def run_transfer(recipe: str | Path | TransferRecipe, overrides: Iterable[str] =
                     continue
                 bar.note(f"training {name}")
                 # fused only for a run that trains: the reuse key above names the inputs, not the result
-                fused = None if start == "random" else fuse_start(recipe, srcs, estimate.weights[start], start,
-                                                                  target_labels, seed)
+                fused = None if start == "random" else given if start == GIVEN else \
+                    fuse_start(recipe, srcs, estimate.weights[start], start, target_labels, seed)
                 if fused is not None:
                     _save_fused(root / "fused" / f"{name}.safetensors", fused)
                 results = lifecycle.run(rec, CLASSIFICATION, init=None if fused is None else _loader(fused))
                 manifest[name] = {"run_dir": results["run_dir"], "init": init_digest,
-                                  "weights": None if fused is None else estimate.weights[start],
+                                  "weights": estimate.weights.get(start),
                                   "sources": estimate.sources}
                 atomic_write_json(manifest_path, manifest)
                 runs.append(target_run(target, start, seed, results, "ran"))
@@ -415,5 +448,5 @@ def _save_fused(path: Path, state: dict[str, Tensor]) -> None:
     atomic_save_tensors(path, state)
 
 
-__all__ = ["Estimate", "TransferResult", "check_recipe", "estimate_target", "fuse_start", "run_transfer",
+__all__ = ["Estimate", "TransferResult", "check_recipe", "estimate_target", "fuse_start", "given_start", "run_transfer",
            "starts_of", "summarise", "target_recipe", "weights_from_scores"]
