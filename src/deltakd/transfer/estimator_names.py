@@ -5,5 +5,5 @@ tuple while a recipe is validated, before torch is imported; :data:`deltakd.tran
 maps the same names, in the same order, to their functions (checked when that module loads).
 """
 
-ESTIMATOR_NAMES = ("uniform", "task_groups", "cosine", "euclidean", "dev_change", "loss", "kl", "kl_shift", "el2n",
-                   "grand", "logits_labels")
+ESTIMATOR_NAMES = ("uniform", "task_groups", "cosine", "euclidean", "dev_change", "loss", "kl", "kl_shift",
+                   "kl_original", "el2n", "grand", "logits_labels")
