@@ -181,3 +181,23 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(2, 0.9), (4, 0.5)]
     assert run.data.params == {"train.lr": "0.1", "distill.layer_map.pairs.0_1_": "2"}
     assert run.data.metrics["test_accuracy"] == 0.7
+
+
+def test_a_run_that_fails_after_training_marks_its_mlflow_run_failed(tmp_path, tiny_bert, toy_task, monkeypatch):
+    """An error after training (here: the final evaluation) ends the MLflow run as FAILED, not RUNNING."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from deltakd.classify.family import ClassificationFamily
+
+    def broken(self, prep, trainer):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(ClassificationFamily, "evaluate", broken)
+    recipe = tiny_recipe(tmp_path, tiny_bert, toy_task, train=", max_steps: 2, logging_steps: 1")
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        api.train(recipe, ["track=[mlflow]"])
+    client = MlflowClient((tmp_path / "runs" / "mlruns").as_uri())
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["FAILED"]

@@ -141,6 +141,17 @@ def train(prep: Prepared, family: Family, run: RunDir, resume: bool = False, is_
     checkpoint = last_complete_checkpoint(run.checkpoints, warn=is_main) if resume else None
     if resume and is_main:
         run.truncate_events(checkpoint_step(checkpoint) if checkpoint else 0)
+    try:
+        return _train_and_finish(prep, family, run, trainer, guard, trackers, checkpoint, started, is_main, test)
+    except BaseException as exc:
+        trackers.abort(interrupted=isinstance(exc, KeyboardInterrupt))
+        raise
+
+
+def _train_and_finish(prep: Prepared, family: Family, run: RunDir, trainer: Any, guard: DivergenceGuard,
+                      trackers: RunTrackers, checkpoint: str | None, started: float, is_main: bool,
+                      test: bool) -> RunResults | None:
+    recipe = prep.recipe
     out = trainer.train(resume_from_checkpoint=checkpoint)
     if guard.diverged is not None:  # model/ from the newest finite checkpoint, results name the step
         diverged = finish_diverged(prep, family, trainer, run, guard.diverged, started, checkpoint, is_main)

@@ -85,3 +85,14 @@ class RunTrackers:
             self.mlflow.finish(final, files)
         if self.neptune is not None:
             self.neptune.finish(final, files)
+
+    def abort(self, interrupted: bool = False) -> None:
+        """The run stopped on an error (or Ctrl-C, ``interrupted``): close every stream, the MLflow run
+        marked FAILED (KILLED); a later ``--resume`` continues it."""
+        for stream in (self.tensorboard, self.mlflow, self.neptune):
+            if stream is None:
+                continue
+            try:
+                stream.abort(interrupted)
+            except Exception:  # noqa: BLE001 - the run's own error is the one to report
+                pass

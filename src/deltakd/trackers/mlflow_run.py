@@ -93,3 +93,8 @@ class MLflowRun(TrainerCallback):
                 self.client.log_artifact(self.run_id, str(f))
         self.client.set_terminated(self.run_id, "FINISHED")
         self.run_id = None
+
+    def abort(self, interrupted: bool) -> None:
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, "KILLED" if interrupted else "FAILED")
+            self.run_id = None

@@ -57,3 +57,9 @@ class NeptuneRun(TrainerCallback):
                 self.run[f"artifacts/{Path(f).name}"].upload(str(f))
         self.run.stop()
         self.run = None
+
+    def abort(self, interrupted: bool) -> None:
+        if self.run is not None:
+            self.run["sys/failed"] = not interrupted
+            self.run.stop()
+            self.run = None

@@ -47,3 +47,8 @@ class TensorBoardRun(TensorBoardCallback):
             self.tb_writer.file_writer.add_summary(summary)
         self.tb_writer.close()
         self.tb_writer = None
+
+    def abort(self, interrupted: bool) -> None:
+        if self.tb_writer is not None:
+            self.tb_writer.close()
+            self.tb_writer = None
