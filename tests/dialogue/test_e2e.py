@@ -511,7 +511,7 @@ def test_long_examples_drop_leaves_out_exactly_the_long_train_examples(runs):
                                             "task.dialogue.max_response_tokens=4"]))
 
 
-@pytest.mark.slow  # two trainings and three evaluations: 86 s on the shared 2-core machine
+@pytest.mark.slow  # two trainings and three evaluations: 45-86 s on the shared 2-core machine
 def test_emotion_controlled_run_judged_by_an_emotion_classifier(runs):
     """control: emotion: the response turn's emotion is the control token (seven emotion tokens train
     with the delta module), an emotion classifier (the act classifier's recipe with control: emotion)
