@@ -469,3 +469,87 @@ def test_act_tokens_are_never_generated(runs, monkeypatch):
     unsuppressed = real(model, torch.tensor(prompts), torch.ones(2, 4, dtype=torch.long), max_new_tokens=6,
                         do_sample=False, pad_token_id=tok.pad_token_id)
     assert set(unsuppressed.flatten().tolist()) & set(ids)  # without it they would be generated
+
+
+def _whole_length(tok, ex, label: str) -> int:
+    """Tokens of an example with nothing cut, counted by hand: label + eos, each turn + eos, response + eos."""
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return len(enc(label)) + 1 + sum(len(enc(t)) + 1 for t in ex.context) + len(enc(ex.response)) + 1
+
+
+def test_long_examples_drop_leaves_out_exactly_the_long_train_examples(runs):
+    """long_examples: drop (the original's large-model setting) leaves out every train example
+    longer than max_length with nothing cut, and only those; valid and test stay truncated, and
+    truncate (the default) keeps every example. The run's results say how many were dropped."""
+    from deltakd.data.dailydialog_tasks import response_split
+
+    tmp = runs["tmp"]
+    path = _tuned(tmp, "long", "{method: lora, r: 2, alpha: 4, dropout: 0.0, target: [c_attn]}", epochs=1)
+    truncate = families.prepare(load_recipe(path))
+    drop = families.prepare(load_recipe(path, ["task.dialogue.long_examples=drop"]))
+    read = response_split(load_recipe(path).task, "train")
+    tok = drop.tokenizer
+    lengths = [_whole_length(tok, ex, ex.act) for ex in read]
+    want = [ex for ex, n in zip(read, lengths) if n <= 48]
+    assert truncate.task.splits["train"] == read
+    assert drop.task.splits["train"] == want and 50 < len(want) < len(read) - 50
+    for split in ("valid", "test"):
+        assert drop.task.splits[split] == truncate.task.splits[split]
+        assert drop.datasets[split]["input_ids"] == truncate.datasets[split]["input_ids"]
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos = tok.eos_token_id
+    for ex, row in zip(drop.task.splits["train"], drop.datasets["train"]):  # nothing of a kept example is cut
+        if len(enc(ex.response)) <= 16:
+            assert row["input_ids"] == enc(ex.act) + [eos] + [t for c in ex.context for t in enc(c) + [eos]] + \
+                enc(ex.response) + [eos]
+    r = api.train(path, ["task.dialogue.long_examples=drop"])
+    assert r["examples"]["train"] == len(want)
+    assert r["long_examples"] == {"mode": "drop", "max_length": 48, "train_read": len(read),
+                                  "train_dropped": len(read) - len(want)}
+    with pytest.raises(DeltakdError, match="drop leaves none of the"):
+        families.prepare(load_recipe(path, ["task.dialogue.long_examples=drop", "task.max_length=20",
+                                            "task.dialogue.max_response_tokens=4"]))
+
+
+@pytest.mark.slow  # two trainings and three evaluations: 45-86 s on the shared 2-core machine
+def test_emotion_controlled_run_judged_by_an_emotion_classifier(runs):
+    """control: emotion: the response turn's emotion is the control token (seven emotion tokens train
+    with the delta module), an emotion classifier (the act classifier's recipe with control: emotion)
+    judges the generations, and an act classifier is refused for such a run (and vice versa)."""
+    from deltakd.data.dailydialog import EMOTIONS, act_token
+    from deltakd.data.dailydialog_tasks import response_split
+
+    tmp = runs["tmp"]
+    emo_over = ["task.dialogue.control=emotion", "task.dialogue.act_tokens=true",
+                "task.dialogue.act_position=opens_response"]
+    path = _tuned(tmp, "emo-lora", "{method: lora, r: 4, alpha: 8, dropout: 0.0, target: [c_attn]}", epochs=1)
+    run = api.train(path, emo_over)
+    assert run["params"]["trainable"] == runs["lora"]["params"]["trainable"] + 7 * 32  # 7 emotion rows
+    model, tok = load_trained(Path(run["run_dir"]) / "model")
+    ids = tok.convert_tokens_to_ids([act_token(e) for e in EMOTIONS])
+    prep = families.prepare(load_recipe(path, emo_over))
+    for ex, row in list(zip(prep.task.splits["train"], prep.datasets["train"]))[:40]:
+        n_prompt = row["labels"].count(IGNORE_INDEX)
+        assert [t for t in row["input_ids"] if t in ids] == [ids[EMOTIONS.index(ex.emotion)]]
+        assert row["input_ids"][n_prompt - 1] == ids[EMOTIONS.index(ex.emotion)]
+    cls = api.train(tmp / "acts.yaml", ["name=emotions", "task.dialogue.control=emotion"])
+    assert cls["metrics"]["test"]["accuracy"] >= 0.0
+    meta = json.loads((Path(cls["run_dir"]) / "model" / "deltakd_model.json").read_text())
+    assert tuple(meta["labels"]) == EMOTIONS
+
+    res = api.dialogue_eval(run["run_dir"], cls["run_dir"], max_contexts=8, sensitivity_contexts=2)
+    rows = [json.loads(x) for x in (Path(run["run_dir"]) / "dialogue_generations_test.jsonl").read_text().splitlines()]
+    contexts = {(ex.dialogue, ex.turn): ex for ex in response_split(load_recipe(path, emo_over).task, "test")}
+    assert res["control"] == "emotion" and len(rows) == 8
+    assert all("act" not in r and r["emotion"] == contexts[(r["dialogue"], r["turn"])].emotion for r in rows)
+    m = res["metrics"]
+    assert m["control_accuracy"] == pytest.approx(sum(r["emotion"] == r["predicted"] for r in rows) / 8)
+    assert set(m["control_accuracy_by_emotion"]) == {r["emotion"] for r in rows} and "control_accuracy_by_act" not in m
+    assert set(r["predicted"] for r in rows) <= set(EMOTIONS) | {"none"}
+    assert math.isfinite(m["act_nll_gap"])  # the reference's emotion against the six others
+    every = api.dialogue_eval(run["run_dir"], cls["run_dir"], max_contexts=2, acts="all", sensitivity_contexts=0)
+    assert every["generations"] == 14 and set(every["metrics"]["control_accuracy_by_emotion"]) == set(EMOTIONS)
+    with pytest.raises(DeltakdError, match="is not an emotion classifier"):
+        api.dialogue_eval(run["run_dir"], runs["acts"]["run_dir"], max_contexts=2)
+    with pytest.raises(DeltakdError, match="is not an act classifier"):
+        api.dialogue_eval(runs["lora"]["run_dir"], cls["run_dir"], max_contexts=2)

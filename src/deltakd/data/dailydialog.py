@@ -9,7 +9,8 @@ A response example is rendered as ``act <eos> context turns <eos> response <eos>
 act response <eos>`` (the act opens the response turn, so the position that predicts the first
 response token is the act's own); every segment is tokenised on its own and followed by the
 tokenizer's eos id (the act in ``opens_response`` is not). The loss covers only the response
-tokens and the final eos.
+tokens and the final eos. With ``control="emotion"`` the response turn's emotion stands where the act
+stands (:data:`CONTROLS`: the labels of each control signal).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import gzip
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, get_args
 
@@ -34,9 +35,21 @@ EOU = "__eou__"
 IGNORE_INDEX = -100
 
 
-def act_token(act: str) -> str:
-    """The added token that stands for ``act`` when ``act_tokens`` is on: ``<|question|>``."""
-    return f"<|{act}|>"
+Control = Literal["act", "emotion"]
+CONTROLS: dict[str, tuple[str, ...]] = {"act": ACTS, "emotion": EMOTIONS}  # control signal -> its labels
+
+
+def control_labels(control: str) -> tuple[str, ...]:
+    """The labels of a control signal (``act``: :data:`ACTS`, ``emotion``: :data:`EMOTIONS`)."""
+    if control not in CONTROLS:
+        raise DeltakdError(f"control '{control}' is unknown; valid: {', '.join(CONTROLS)}")
+    return CONTROLS[control]
+
+
+def act_token(label: str) -> str:
+    """The added token that stands for a control label when ``act_tokens`` is on: ``<|question|>``,
+    ``<|happiness|>``."""
+    return f"<|{label}|>"
 
 
 ActPosition = Literal["first", "before_response", "opens_response"]
@@ -195,6 +208,14 @@ class ResponseExample:
     dialogue: int = 0  # index of the dialogue in its split
     turn: int = 1  # index of the response turn in its dialogue (>= 1)
 
+    def label(self, control: str) -> str:
+        """The response's label under a control signal: its act or its emotion."""
+        return self.emotion if control == "emotion" else self.act
+
+    def with_label(self, control: str, label: str) -> "ResponseExample":
+        """The same example asked for another label of the control signal."""
+        return replace(self, emotion=label) if control == "emotion" else replace(self, act=label)
+
 
 def response_examples(dialogues: Sequence[Dialogue], context_turns: int = 3) -> list[ResponseExample]:
     """One example per turn with index >= 1; the context is the previous ``context_turns`` turns."""
@@ -218,14 +239,17 @@ class DialogueFormat:
     the left to fit: oldest whole turns go first; if the newest turn alone does not fit, its
     rightmost tokens are kept. The act and the (capped) response are always kept. With
     ``act_tokens`` the act is the single added token :func:`act_token` (the tokenizer must have it).
+    ``control`` names the signal in the act's place: the response turn's act or its emotion.
     """
 
     act_position: ActPosition = "first"
     max_length: int = 256
     max_response_tokens: int = 64
     act_tokens: bool = False  # the act is one added token (act_token) instead of the act word's pieces
+    control: Control = "act"
 
     def __post_init__(self) -> None:
+        control_labels(self.control)
         if self.act_position not in ACT_POSITIONS:
             raise DeltakdError(f"act_position '{self.act_position}' is unknown; valid: {', '.join(ACT_POSITIONS)}")
         if self.max_response_tokens < 1:
@@ -271,10 +295,11 @@ class _Encoder:
             self.prime([text])
         return self._ids[text]
 
-    def prime_examples(self, examples: Sequence[ResponseExample], with_response: bool) -> None:
+    def prime_examples(self, examples: Sequence[ResponseExample], with_response: bool,
+                       control: str = "act") -> None:
         texts: list[str] = []
         for ex in examples:
-            texts.append(ex.act)
+            texts.append(ex.label(control))
             texts.extend(ex.context)
             if with_response:
                 texts.append(ex.response)
@@ -301,17 +326,19 @@ def _prompt_ids(act_seg: list[int], context: list[int], position: ActPosition) -
 
 
 def _act_segment(enc: _Encoder, ex: ResponseExample, fmt: DialogueFormat, reserve: int) -> list[int]:
-    """The act's ids as they enter the prompt: followed by eos, except when the act opens the response."""
-    text = act_token(ex.act) if fmt.act_tokens else ex.act
+    """The control label's ids as they enter the prompt (the act, or the emotion with
+    ``control="emotion"``): followed by eos, except when the label opens the response."""
+    label = ex.label(fmt.control)
+    text = act_token(label) if fmt.act_tokens else label
     act = enc(text)
-    if fmt.act_tokens and len(act) != 1:
-        raise DeltakdError(f"the tokenizer has no act token {text!r} (act_tokens: true needs the act tokens "
-                           "added, as prepare_dialogue does)")
+    if fmt.act_tokens and (len(act) != 1 or act[0] == enc.tokenizer.unk_token_id):
+        raise DeltakdError(f"the tokenizer has no {fmt.control} token {text!r} (act_tokens: true needs the "
+                           f"{fmt.control} tokens added, as prepare_dialogue does)")
     if not act:
-        raise DeltakdError(f"act {ex.act!r} tokenises to nothing")
+        raise DeltakdError(f"{fmt.control} {label!r} tokenises to nothing")
     seg = act if fmt.act_position == "opens_response" else act + [enc.eos]
     if len(seg) + reserve > fmt.max_length:
-        raise DeltakdError(f"max_length {fmt.max_length} cannot hold the act {ex.act!r} "
+        raise DeltakdError(f"max_length {fmt.max_length} cannot hold the {fmt.control} {label!r} "
                            f"({len(seg)} tokens) and a response of {reserve - 1} token(s) + eos")
     return seg
 
@@ -339,8 +366,24 @@ def encode_response_examples(examples: Sequence[ResponseExample], tokenizer: Any
                              fmt: DialogueFormat) -> list[dict[str, list[int]]]:
     """:func:`encode_response_example` over many examples, tokenising each distinct string once."""
     enc = _Encoder(tokenizer)
-    enc.prime_examples(examples, with_response=True)
+    enc.prime_examples(examples, with_response=True, control=fmt.control)
     return [encode_response_example(ex, tokenizer, fmt, enc) for ex in examples]
+
+
+def full_lengths(examples: Sequence[ResponseExample], tokenizer: Any, fmt: DialogueFormat) -> list[int]:
+    """Tokens of each example with nothing cut: its label segment, every context turn + eos, the
+    whole response + eos (what :func:`encode_response_example` makes when it fits ``fmt.max_length``
+    and the response fits ``fmt.max_response_tokens``)."""
+    enc = _Encoder(tokenizer)
+    enc.prime_examples(examples, with_response=True, control=fmt.control)
+    return [len(_act_segment(enc, ex, fmt, 0)) + sum(len(enc(t)) + 1 for t in ex.context) + len(enc(ex.response)) + 1
+            for ex in examples]
+
+
+def drop_long_examples(examples: Sequence[ResponseExample], tokenizer: Any, fmt: DialogueFormat
+                       ) -> list[ResponseExample]:
+    """The examples whose whole encoding (:func:`full_lengths`) fits ``fmt.max_length``, in order."""
+    return [ex for ex, n in zip(examples, full_lengths(examples, tokenizer, fmt)) if n <= fmt.max_length]
 
 
 def encode_generation_prompts(examples: Sequence[ResponseExample], tokenizer: Any,
@@ -351,7 +394,7 @@ def encode_generation_prompts(examples: Sequence[ResponseExample], tokenizer: An
     so prompt + generation stays within ``fmt.max_length``.
     """
     enc = _Encoder(tokenizer)
-    enc.prime_examples(examples, with_response=False)
+    enc.prime_examples(examples, with_response=False, control=fmt.control)
     reserve = fmt.max_response_tokens + 1
     out = []
     for ex in examples:
@@ -412,9 +455,12 @@ def generation_batch(prompts: Sequence[Sequence[int]], pad_token_id: int) -> dic
 
 # ---- act-classifier data ---------------------------------------------------------------------------
 
-def utterance_examples(dialogues: Iterable[Dialogue], dedupe: bool = False) -> list[tuple[str, str]]:
-    """(text, act) for every utterance; ``dedupe`` keeps the first of identical (text, act) pairs."""
-    out = [(" ".join(t.text.split()), t.act) for d in dialogues for t in d]
+def utterance_examples(dialogues: Iterable[Dialogue], dedupe: bool = False,
+                       control: Control = "act") -> list[tuple[str, str]]:
+    """(text, act) for every utterance (``control="emotion"``: (text, emotion)); ``dedupe`` keeps
+    the first of identical pairs."""
+    control_labels(control)
+    out = [(" ".join(t.text.split()), t.emotion if control == "emotion" else t.act) for d in dialogues for t in d]
     return list(dict.fromkeys(out)) if dedupe else out
 
 

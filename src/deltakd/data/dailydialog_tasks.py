@@ -3,7 +3,11 @@
 - ``kind: dialogue``: act-controlled response examples (:func:`response_split`);
 - ``kind: lm``: pre-training text, every turn one document, so the token stream is
   ``turn <eos> turn <eos> ...``, the same eos layout as the response examples (:func:`lm_texts`);
-- ``kind: classification`` (default): utterances labelled with their act (:func:`read_act_task`).
+- ``kind: classification`` (default): utterances labelled with their act, or their emotion with
+  ``dialogue.control: emotion`` (:func:`read_act_task`).
+
+``dialogue.control: emotion`` makes the response turn's emotion the control signal of ``kind: dialogue``
+in place of its act.
 
 ``task.data_dir`` is a DailyDialog folder in the original layout (``train/``, ``validation/``,
 ``test/``; see :func:`deltakd.data.dailydialog.split_files`).
@@ -16,10 +20,10 @@ from pathlib import Path
 from ..errors import DeltakdError
 from ..recipe.schema import DialogueOptions, TaskConfig
 from .dailydialog import (
-    ACTS,
     Dialogue,
     DialogueFormat,
     ResponseExample,
+    control_labels,
     read_dailydialog,
     response_examples,
     utterance_examples,
@@ -62,7 +66,7 @@ def dialogue_format(cfg: TaskConfig, virtual_tokens: int = 0, positions: int | N
     if opt.max_response_tokens + 2 > cfg.max_length:
         raise DeltakdError(f"task.dialogue.max_response_tokens: {opt.max_response_tokens} (+ act and eos) does not "
                            f"fit task.max_length {cfg.max_length}")
-    return DialogueFormat(opt.act_position, cfg.max_length, opt.max_response_tokens, opt.act_tokens)
+    return DialogueFormat(opt.act_position, cfg.max_length, opt.max_response_tokens, opt.act_tokens, opt.control)
 
 
 def response_split(cfg: TaskConfig, split: str) -> list[ResponseExample]:
@@ -85,20 +89,23 @@ def lm_texts(cfg: TaskConfig) -> dict[str, list[str]]:
 
 
 def read_act_task(cfg: TaskConfig):
-    """(TaskSpec, raw splits) of the act classification task: every utterance, label = its act."""
+    """(TaskSpec, raw splits) of the act classification task: every utterance, label = its act
+    (its emotion with ``dialogue.control: emotion``)."""
     kind = cfg.kind or "classification"
+    control = options(cfg).control
+    labels = control_labels(control)
     if kind != "classification":
-        raise DeltakdError(f"task.kind: a DailyDialog task is dialogue, lm or classification (acts), not {kind}")
-    if cfg.labels is not None and tuple(cfg.labels) != ACTS:
-        raise DeltakdError(f"task.labels: the DailyDialog acts are {list(ACTS)}; leave task.labels out")
+        raise DeltakdError(f"task.kind: a DailyDialog task is dialogue, lm or classification ({control}s), not {kind}")
+    if cfg.labels is not None and tuple(cfg.labels) != labels:
+        raise DeltakdError(f"task.labels: the DailyDialog {control}s are {list(labels)}; leave task.labels out")
     metrics = tuple(cfg.metrics) if cfg.metrics else ("accuracy", "f1")
     bad = [m for m in metrics if m not in ("accuracy", "f1", "matthews")]
     if bad:
-        raise DeltakdError(f"task.metrics: {bad} do not apply to the act classification task; "
+        raise DeltakdError(f"task.metrics: {bad} do not apply to the {control} classification task; "
                            "allowed: accuracy, f1, matthews")
-    spec = TaskSpec(cfg.name, "classification", ACTS, metrics, ("text",), "label",
+    spec = TaskSpec(cfg.name, "classification", labels, metrics, ("text",), "label",
                     {s: data_dir(cfg) / d for s, d in RECIPE_SPLITS.items()})
-    raw = {split: [{"text_a": text, "text_b": None, "label": act}
-                   for text, act in utterance_examples(read_split(cfg, split))]
+    raw = {split: [{"text_a": text, "text_b": None, "label": label}
+                   for text, label in utterance_examples(read_split(cfg, split), control=control)]
            for split in RECIPE_SPLITS}
     return spec, raw

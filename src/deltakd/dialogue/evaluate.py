@@ -1,5 +1,8 @@
 """Act-controlled generation judged by an act classifier: control accuracy, BLEU, distinct-n.
 
+With ``task.dialogue.control: emotion`` the run is emotion-controlled, and the judge is an emotion
+classifier (``recipes/dialogue/emotion_classifier.yaml``): everything below reads "emotion" for "act".
+
 For each test context and a requested act (the reference response's act, or each of the four),
 the causal LM generates a response (greedy or sampling); the act classifier (a deltakd
 classification run on DailyDialog utterances) labels it; control accuracy is the share whose
@@ -22,9 +25,11 @@ from transformers import set_seed
 
 from ..data.dailydialog import (
     ACTS,
+    CONTROLS,
     DialogueFormat,
     ResponseExample,
     act_token,
+    control_labels,
     encode_generation_prompts,
     encode_response_example,
     model_max_positions,
@@ -67,22 +72,25 @@ def _device() -> torch.device:
 
 
 class ActClassifier:
-    """A saved deltakd act classifier (labels: the four DailyDialog acts)."""
+    """A saved deltakd act classifier (labels: the four DailyDialog acts), or with
+    ``control="emotion"`` an emotion classifier (the seven emotions)."""
 
-    def __init__(self, path: str | Path, max_length: int = 128) -> None:
+    def __init__(self, path: str | Path, max_length: int = 128, control: str = "act") -> None:
         model_dir = find_model_dir(path, "--classifier")
         meta = read_meta(model_dir)
         labels = tuple(meta.get("labels") or ())
-        if meta["problem_type"] != "single_label_classification" or set(labels) != set(ACTS):
-            raise DeltakdError(f"--classifier: '{path}' is not an act classifier (labels {list(labels)}, "
-                               f"need {list(ACTS)})")
+        need = control_labels(control)
+        if meta["problem_type"] != "single_label_classification" or set(labels) != set(need):
+            raise DeltakdError(f"--classifier: '{path}' is not an {control} classifier (labels {list(labels)}, "
+                               f"need {list(need)})")
+        self.control = control
         self.model, self.tokenizer = load_trained(model_dir)
         self.model.to(_device())
         self.labels, self.max_length, self.path = labels, max_length, model_dir
 
     @torch.no_grad()
     def predict(self, texts: Sequence[str], batch_size: int = 64) -> list[str]:
-        """The act of each text; ``"none"`` for an empty one."""
+        """The act (emotion) of each text; ``"none"`` for an empty one."""
         out = [NO_ACT] * len(texts)
         todo = [i for i, t in enumerate(texts) if t.strip()]
         for start in range(0, len(todo), batch_size):
@@ -97,7 +105,7 @@ class ActClassifier:
 
 @torch.no_grad()
 def act_sensitivity(model: Any, tokenizer: Any, examples: Sequence[ResponseExample], fmt: DialogueFormat,
-                    acts: Sequence[str] = ACTS) -> dict[str, float]:
+                    acts: Sequence[str] | None = None) -> dict[str, float]:
     """Does the model read the act at all? For each example, the reference response's mean
     per-token NLL under every act (teacher forcing, the training template):
     - ``act_nll_gap``: mean over examples of (mean NLL under the other acts) - NLL under the
@@ -106,7 +114,10 @@ def act_sensitivity(model: Any, tokenizer: Any, examples: Sequence[ResponseExamp
 
     Unlike control accuracy it does not depend on decoding: a model can shift its distribution
     towards the act and still greedy-decode the same sentence. ``model`` may map each act to its
-    own model (per-act prompts): the NLL under act ``a`` is then ``a``'s model's."""
+    own model (per-act prompts): the NLL under act ``a`` is then ``a``'s model's. Under emotion
+    control (``fmt.control``) the labels varied are the emotions (``acts`` default: all labels)."""
+    control = fmt.control
+    acts = control_labels(control) if acts is None else tuple(acts)
     if not examples:
         return {"act_nll_gap": float("nan"), "act_recovered": float("nan")}
     models = model if isinstance(model, Mapping) else {act: model for act in acts}
@@ -118,13 +129,14 @@ def act_sensitivity(model: Any, tokenizer: Any, examples: Sequence[ResponseExamp
         for act in acts:
             lm = models[act]
             device = next(lm.parameters()).device
-            enc = encode_response_example(replace(ex, act=act), tokenizer, fmt)
+            enc = encode_response_example(ex.with_label(control, act), tokenizer, fmt)
             ids = torch.tensor([enc["input_ids"]], device=device)
             labels = torch.tensor([enc["labels"]], device=device)
             nll[act] = float(lm(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss)
-        others = [v for a, v in nll.items() if a != ex.act]
-        gaps.append(sum(others) / len(others) - nll[ex.act])
-        hits += all(nll[ex.act] < v for v in others)
+        own = ex.label(control)
+        others = [v for a, v in nll.items() if a != own]
+        gaps.append(sum(others) / len(others) - nll[own])
+        hits += all(nll[own] < v for v in others)
     return {"act_nll_gap": sum(gaps) / len(gaps), "act_recovered": hits / len(examples)}
 
 
@@ -142,8 +154,8 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Sequence[in
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
     vocab = tokenizer.get_vocab()
-    act_ids = [vocab[act_token(a)] for a in ACTS if act_token(a) in vocab]
-    if act_ids:  # act tokens are prompt, never response
+    act_ids = [vocab[act_token(a)] for labels in CONTROLS.values() for a in labels if act_token(a) in vocab]
+    if act_ids:  # act / emotion tokens are prompt, never response
         kw["suppress_tokens"] = act_ids
     if settings.greedy:
         kw.update(do_sample=False, temperature=None, top_k=None, top_p=None)
@@ -202,8 +214,8 @@ def _load_lm(run_dir: str | Path, template: Any = None) -> _LM:
     model, tokenizer = load_trained(model_dir)
     virtual = virtual_tokens(recipe) if recipe.task.kind == "dialogue" else 0
     fmt = dialogue_format(recipe.task, virtual, model_max_positions(model.config))
-    if fmt.act_tokens:
-        add_act_tokens(model, tokenizer)  # a tuned run has them; an untuned LM gets them as its words
+    if fmt.act_tokens:  # a tuned run has them; an untuned LM gets them as its words
+        add_act_tokens(model, tokenizer, control_labels(fmt.control))
     model.to(_device())
     model.eval()
     return _LM(run, recipe, meta, model, tokenizer, fmt)
@@ -218,6 +230,9 @@ def _routed(run_dir: str | Path | Mapping[str, str | Path], template: Any = None
     lms: dict[str | None, _LM] = {act: _load_lm(run_dir[act], template) for act in ACTS}
     first = lms[ACTS[0]]
     for act, lm in lms.items():
+        if lm.fmt.control != "act":
+            raise DeltakdError(f"a run per act needs act-controlled runs; '{lm.run.path}' is "
+                               f"{lm.fmt.control}-controlled")
         only = lm.recipe.task.dialogue.only_acts
         if only is not None and act not in only:
             raise DeltakdError(f"'{lm.run.path}' was trained on acts {only}, not '{act}'")
@@ -263,7 +278,12 @@ def evaluate_dialogue(run_dir: str | Path | Mapping[str, str | Path], classifier
     task = recipe.task
     if None not in lms:  # per-act runs: contexts of every act
         task = task.model_copy(update={"dialogue": task.dialogue.model_copy(update={"only_acts": None})})
-    cls = classifier if isinstance(classifier, ActClassifier) else ActClassifier(classifier)
+    control = fmt.control
+    labels = control_labels(control)
+    cls = classifier if isinstance(classifier, ActClassifier) else ActClassifier(classifier, control=control)
+    if cls.control != control:
+        raise DeltakdError(f"--classifier: '{cls.path}' is an {cls.control} classifier; "
+                           f"this run is {control}-controlled")
     started = time.time()
     new_tokens = settings.max_new_tokens or fmt.max_response_tokens + 1
     if new_tokens + 2 > fmt.max_length:
@@ -271,34 +291,34 @@ def evaluate_dialogue(run_dir: str | Path | Mapping[str, str | Path], classifier
     contexts = pick_contexts(response_split(task, split), max_contexts, settings.seed)
     if not contexts:
         raise DeltakdError(f"split '{split}' has no response turns")
-    asked = [(ex, ex.act) for ex in contexts] if acts == "reference" else \
-        [(ex, act) for ex in contexts for act in ACTS]
+    asked = [(ex, ex.label(control)) for ex in contexts] if acts == "reference" else \
+        [(ex, act) for ex in contexts for act in labels]
     responses: list[str] = [""] * len(asked)
     for key, lm in lms.items():
         idx = [i for i, (_, a) in enumerate(asked) if key is None or a == key]
         if not idx:
             continue
-        queries = [replace(asked[i][0], act=asked[i][1]) for i in idx]
+        queries = [asked[i][0].with_label(control, asked[i][1]) for i in idx]
         prompts = encode_generation_prompts(queries, lm.tokenizer, replace(lm.fmt, max_response_tokens=new_tokens - 1))
         for i, r in zip(idx, generate_responses(lm.model, lm.tokenizer, prompts, settings, new_tokens)):
             responses[i] = r
     gen_seconds = time.time() - started
     predicted = cls.predict(responses)
     asked_acts = [a for _, a in asked]
-    is_ref = [a == ex.act for ex, a in asked]
+    is_ref = [a == ex.label(control) for ex, a in asked]
     ref_resp = [r for r, keep in zip(responses, is_ref) if keep]
     metrics = dialogue_metrics(responses, [ex.response for ex, _ in asked], asked_acts, predicted)
     metrics["bleu"] = dialogue_metrics(ref_resp, [ex.response for ex in contexts],
-                                       [ex.act for ex in contexts],
+                                       [ex.label(control) for ex in contexts],
                                        [p for p, keep in zip(predicted, is_ref) if keep])["bleu"]
-    metrics["control_accuracy_by_act"] = {
+    metrics[f"control_accuracy_by_{control}"] = {
         act: control_accuracy([a for a in asked_acts if a == act], [p for a, p in zip(asked_acts, predicted) if a == act])
-        for act in ACTS if act in asked_acts}
+        for act in labels if act in asked_acts}
     if sensitivity_contexts:
         models = lm0.model if None in lms else {act: lm.model for act, lm in lms.items()}
         metrics.update(act_sensitivity(models, lm0.tokenizer, contexts[:sensitivity_contexts], fmt))
     ref_pred = cls.predict([ex.response for ex in contexts])
-    metrics["classifier_accuracy_on_references"] = control_accuracy([ex.act for ex in contexts], ref_pred)
+    metrics["classifier_accuracy_on_references"] = control_accuracy([ex.label(control) for ex in contexts], ref_pred)
     total, _ = count_parameters(lm0.model)
     out = Path(out_dir) if out_dir is not None else lm0.run.path
     result = {
@@ -308,6 +328,7 @@ def evaluate_dialogue(run_dir: str | Path | Mapping[str, str | Path], classifier
         "classifier": str(cls.path),
         "split": split,
         "acts": acts,
+        "control": control,
         "contexts": len(contexts),
         "generations": len(responses),
         "settings": {**asdict(settings), "max_new_tokens": new_tokens},
@@ -316,11 +337,11 @@ def evaluate_dialogue(run_dir: str | Path | Mapping[str, str | Path], classifier
         "metrics": metrics,
         "params_total": total,
         "generation_seconds": gen_seconds,
-        "samples": [{"act": a, "context": list(ex.context), "reference": ex.response, "response": r, "predicted": p}
+        "samples": [{control: a, "context": list(ex.context), "reference": ex.response, "response": r, "predicted": p}
                     for (ex, a), r, p in list(zip(asked, responses, predicted))[:samples]],
     }
 
-    lines = [json.dumps({"dialogue": ex.dialogue, "turn": ex.turn, "act": a, "response": r, "predicted": p,
+    lines = [json.dumps({"dialogue": ex.dialogue, "turn": ex.turn, control: a, "response": r, "predicted": p,
                          "reference": ex.response}, ensure_ascii=False) for (ex, a), r, p in zip(asked, responses, predicted)]
     atomic_write_text(out / f"dialogue_generations_{split}.jsonl", "\n".join(lines) + "\n")
     atomic_write_json(out / f"dialogue_eval_{split}.json", result)

@@ -13,6 +13,7 @@ from ..data.dailydialog import DialogueCollator
 from ..recipe import Recipe
 from ..runner import Prepared
 from ..runner.transformers_family import TransformersFamily
+from ..runs import RunDir, RunResults
 from .train import dialogue_eval_data, prepare_dialogue
 
 
@@ -28,3 +29,9 @@ class DialogueFamily(TransformersFamily):
 
     def eval_collator(self, recipe: Recipe, tokenizer: Any) -> Any:
         return DialogueCollator(tokenizer.pad_token_id)
+
+    def finish(self, prep: Prepared, trainer: Any, run: RunDir, results: RunResults,
+               speed: dict[str, float], test: bool) -> RunResults:
+        results = super().finish(prep, trainer, run, results, speed, test)
+        results.extra["long_examples"] = prep.state["long_examples"]  # mode, train examples read / dropped
+        return results

@@ -24,6 +24,8 @@ from ..data.dailydialog import (
     DialogueFormat,
     ResponseExample,
     act_token,
+    control_labels,
+    drop_long_examples,
     encode_response_examples,
     model_max_positions,
 )
@@ -96,16 +98,17 @@ def load_causal_lm(recipe: Recipe, check: Callable[[Any], None] | None = None) -
     return model, tokenizer, where
 
 
-def add_act_tokens(model: Any, tokenizer: Any) -> list[int]:
-    """Ids of the four act tokens (:func:`act_token`, in ``ACTS`` order), added where missing.
+def add_act_tokens(model: Any, tokenizer: Any, labels: tuple[str, ...] = ACTS) -> list[int]:
+    """Ids of the control tokens (:func:`act_token`, in ``labels`` order: the four acts by default,
+    the seven emotions for emotion control), added where missing.
 
-    A newly added token's embedding row starts at the mean embedding of the act word's pieces
+    A newly added token's embedding row starts at the mean embedding of the label word's pieces
     (the row the word template gave it), so an untrained act token means what the word meant.
     The model's embeddings grow when the tokenizer outgrows them; a tied output layer follows.
     """
-    tokens = [act_token(a) for a in ACTS]
+    tokens = [act_token(a) for a in labels]
     vocab = tokenizer.get_vocab()
-    new = [a for a, t in zip(ACTS, tokens) if t not in vocab]
+    new = [a for a, t in zip(labels, tokens) if t not in vocab]
     pieces = {a: tokenizer(a, add_special_tokens=False)["input_ids"] for a in new}  # before the tokens exist
     if new:
         tokenizer.add_tokens([t for t in tokens if t not in vocab], special_tokens=True)
@@ -115,7 +118,7 @@ def add_act_tokens(model: Any, tokenizer: Any) -> list[int]:
     weight = model.get_input_embeddings().weight  # (V, H)
     with torch.no_grad():
         for a in new:
-            weight[ids[ACTS.index(a)]] = weight[pieces[a]].mean(0)
+            weight[ids[labels.index(a)]] = weight[pieces[a]].mean(0)
     return ids
 
 
@@ -133,17 +136,35 @@ def encode_split(examples: list[ResponseExample], tokenizer: Any, fmt: DialogueF
                                          features=features)
 
 
-def _splits(recipe: Recipe) -> dict[str, list[ResponseExample]]:
-    cfg = recipe.task
-    seed = recipe.train.seed if cfg.split_seed is None else cfg.split_seed
-    out = {}
-    for split in RECIPE_SPLITS:
-        exs = response_split(cfg, split)
-        limit = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
-        out[split] = subset(exs, limit, seed) if limit else exs
-        if not out[split]:
+def _read_splits(recipe: Recipe) -> dict[str, list[ResponseExample]]:
+    out = {split: response_split(recipe.task, split) for split in RECIPE_SPLITS}
+    for split, exs in out.items():
+        if not exs:
             raise DeltakdError(f"task: the DailyDialog {split} split has no response turns")
     return out
+
+
+def _select(recipe: Recipe, read: dict[str, list[ResponseExample]], tokenizer: Any, fmt: DialogueFormat
+            ) -> tuple[dict[str, list[ResponseExample]], dict[str, Any]]:
+    """``long_examples: drop`` leaves out the train examples longer than ``max_length``; then
+    ``max_train_samples`` / ``max_eval_samples`` draw their subsets. Also returns what was dropped."""
+    cfg = recipe.task
+    seed = recipe.train.seed if cfg.split_seed is None else cfg.split_seed
+    mode = cfg.dialogue.long_examples
+    out = {}
+    dropped = 0
+    for split, exs in read.items():
+        if split == "train" and mode == "drop":
+            kept = drop_long_examples(exs, tokenizer, fmt)
+            dropped = len(exs) - len(kept)
+            if not kept:
+                raise DeltakdError(f"task.dialogue.long_examples: drop leaves none of the {len(exs)} train examples "
+                                   f"(all longer than task.max_length {cfg.max_length} tokens)")
+            exs = kept
+        limit = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
+        out[split] = subset(exs, limit, seed) if limit else exs
+    return out, {"mode": mode, "max_length": fmt.max_length, "train_read": len(read["train"]),
+                 "train_dropped": dropped}
 
 
 def _spec(recipe: Recipe) -> TaskSpec:
@@ -154,21 +175,23 @@ def prepare_dialogue(recipe: Recipe):
     """Examples, model with its delta module, collator: a :class:`deltakd.runner.Prepared`."""
     if recipe.teacher is not None:
         raise DeltakdError("teacher: distillation is not part of the dialogue task; leave teacher out")
-    splits = _splits(recipe)  # bad data fails before any model loads
+    read = _read_splits(recipe)  # bad data fails before any model loads
     model, tokenizer, base = load_causal_lm(recipe, lambda config: dialogue_format(
         recipe.task, virtual_tokens(recipe), model_max_positions(config)))
     fmt = dialogue_format(recipe.task, virtual_tokens(recipe), model_max_positions(model.config))
-    act_ids = add_act_tokens(model, tokenizer) if fmt.act_tokens else []
+    act_ids = add_act_tokens(model, tokenizer, control_labels(fmt.control)) if fmt.act_tokens else []
+    splits, long_examples = _select(recipe, read, tokenizer, fmt)
     data = {split: encode_split(exs, tokenizer, fmt) for split, exs in splits.items()}
     model = attach_delta(model, recipe.peft, tokenizer.name_or_path, causal_lm=True, trainable_tokens=act_ids)
     task = TaskData(_spec(recipe), None, {k: list(v) for k, v in splits.items()})
     return Prepared(recipe, task, tokenizer, data, model, Head(0, None, causal_lm=True),
-                    collator=DialogueCollator(tokenizer.pad_token_id), base_path=base)
+                    collator=DialogueCollator(tokenizer.pad_token_id), base_path=base,
+                    state={"long_examples": long_examples})
 
 
 def dialogue_eval_data(recipe: Recipe, tokenizer: Any) -> tuple[TaskData, dict[str, Any]]:
     """The task and its encoded splits, for ``deltakd eval`` of a saved dialogue model."""
-    splits = _splits(recipe)
     fmt = dialogue_format(recipe.task)
+    splits, _ = _select(recipe, _read_splits(recipe), tokenizer, fmt)
     task = TaskData(_spec(recipe), None, {k: list(v) for k, v in splits.items()})
     return task, {k: encode_split(v, tokenizer, fmt) for k, v in splits.items()}

@@ -46,6 +46,7 @@ class DialogueOptions(Strict):
     ``dialogue``: one causal-LM example per response turn, ``act <eos> context <eos> response <eos>``
     (or the act just before the response), loss on the response only; ``lm``: every turn
     eos-separated as pre-training text; ``classification``: utterances labelled with their act.
+    With ``control: emotion`` the response turn's emotion takes the act's place (and labels the utterances).
     """
 
     context_turns: int = Field(default=3, ge=1, description="previous turns kept as context (the last N)")
@@ -59,6 +60,13 @@ class DialogueOptions(Strict):
     max_dialogues: int | None = Field(default=None, gt=0, description="use the first N train dialogues")
     max_eval_dialogues: int | None = Field(default=None, gt=0, description="the first N valid/test dialogues")
     short_labels: Literal["drop_dialogue", "drop_last_turn"] = "drop_dialogue"
+    control: Literal["act", "emotion"] = Field(
+        default="act", description="the control signal: the response turn's dialogue act or its emotion (dialogue "
+                                   "kind: prompt and generation; classification kind: the label of each utterance)")
+    long_examples: Literal["truncate", "drop"] = Field(
+        default="truncate", description="dialogue kind, train split: a response example longer than task.max_length "
+                                        "tokens (whole context, whole response) has its context cut from the left "
+                                        "(truncate) or is left out (drop); valid and test are always truncated")
     only_acts: list[Literal["inform", "question", "directive", "commissive"]] | None = Field(
         default=None, min_length=1,
         description="dialogue kind: keep only response turns with these acts (every split); one run per act "
