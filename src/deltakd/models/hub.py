@@ -21,12 +21,16 @@ def _minilm_l6() -> str:
 
 # Models shipped inside PyPI packages, usable with no network.
 ALIASES: dict[str, Callable[[], str]] = {"minilm-l6": _minilm_l6}
+# The hub id of each alias's model: what a saved model names as its base, loadable on any machine
+# (and here, offline, from the packaged copy).
+HUB_IDS: dict[str, str] = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2"}
 
 
 def resolve_model_path(name: str) -> str:
-    """An alias becomes its packaged path; a path must exist; anything else is a hub id."""
-    if name in ALIASES:
-        return ALIASES[name]()
+    """An alias (or the hub id of one) becomes its packaged path; a path must exist; anything else is a hub id."""
+    alias = next((a for a, hub_id in HUB_IDS.items() if hub_id == name), name)
+    if alias in ALIASES:
+        return ALIASES[alias]()
     p = Path(name).expanduser()
     looks_like_path = name.startswith((".", "/", "~")) or p.exists() or name.count("/") > 1
     if looks_like_path:
@@ -34,6 +38,17 @@ def resolve_model_path(name: str) -> str:
             raise DeltakdError(f"model '{name}': path does not exist")
         return str(p)
     return name
+
+
+def portable_name(name: str) -> str:
+    """How a saved model names its base so that another machine can load it: an alias's hub id, a hub
+    id as it is, a local folder as an absolute path (it exists on this machine only)."""
+    if name in HUB_IDS:
+        return HUB_IDS[name]
+    if name in ALIASES:
+        return name
+    resolved = resolve_model_path(name)
+    return str(Path(resolved).resolve()) if Path(resolved).exists() else name
 
 
 def _quiet_weight_loading(factory: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
