@@ -260,3 +260,21 @@ def test_predict_of_an_adapter_run_matches_its_model(lora_run):
         probs = model(**tok(["the movie was wonderful"], return_tensors="pt")).logits.softmax(-1)[0]
     assert preds[0]["label"] == ["negative", "positive"][int(probs.argmax())]
     assert preds[0]["score"] == pytest.approx(float(probs.max()), abs=1e-5)
+
+
+def test_model_card_of_a_multistage_stage(tmp_path):
+    from deltakd.publish import render_card
+
+    run = RunDir(tmp_path / "run")
+    run.model_dir.mkdir(parents=True)
+    (run.model_dir / "modules.json").write_text("[]")
+    run.recipe_file.write_text(yaml.safe_dump({
+        "family": "multistage", "name": "stage", "init_from": "runs/ms/a", "teacher": {"model": "minilm-l6"},
+        "data": {"train": [{"path": "data/en-de.tsv", "lang": "de"}]}, "student": {"model": None, "normalize": "auto"},
+        "loss": {"mse": 1.0, "mcl": 0.5, "ce": 0.0, "temperature": 0.05}}))
+    results = {"name": "stage", "metrics": {"test": {"avg/sts_spearman": 0.75}}, "family": "multistage"}
+    text = render_card(run, results, "me/stage")
+    assert "library_name: sentence-transformers" in text and "pipeline_tag: sentence-similarity" in text
+    assert 'SentenceTransformer("me/stage")' in text and "mse × 1.0" in text and "mcl × 0.5" in text
+    assert "ce × 0" not in text
+    assert "from stage `runs/ms/a`" in text and "`data/en-de.tsv`" in text and "| test | 0.7500 |" in text

@@ -59,7 +59,20 @@ def _metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def _multistage_lines(recipe: Mapping[str, Any]) -> list[str]:
+    """A multistage stage: sentence-embedding distillation from a teacher, its losses and student structure."""
+    losses = {k: v for k, v in (recipe.get("loss") or {}).items() if k in ("mse", "mcl", "ce", "bool") and v}
+    student = {k: v for k, v in (recipe.get("student") or {}).items() if v not in (None, "auto")}
+    return [f"- **Method**: multistage sentence-embedding distillation"
+            + (f" (from stage `{recipe['init_from']}`)" if recipe.get("init_from") else ""),
+            f"- **Teacher**: `{(recipe.get('teacher') or {}).get('model')}`",
+            f"- **Distillation losses**: {', '.join(f'{k} × {v}' for k, v in losses.items()) or '-'}",
+            *([f"- **Student**: {student}"] if student else [])]
+
+
 def _method_lines(recipe: Mapping[str, Any], results: Mapping[str, Any]) -> list[str]:
+    if recipe.get("family") == "multistage":
+        return _multistage_lines(recipe)
     peft = recipe.get("peft") or {}
     method = peft.get("method", "full") if isinstance(peft, dict) else "full"
     settings = ", ".join(f"{k}={v}" for k, v in peft.items() if k != "method") if isinstance(peft, dict) else ""
@@ -118,11 +131,13 @@ def render_card(run: RunDir, results: Mapping[str, Any], repo_id: str | None = N
     task = recipe.get("task") or {}
     name = str(results.get("name") or recipe.get("name") or run.path.name)
     where = repo_id or "path/to/model"
-    base = meta.get("base_model") or (recipe.get("model") or {}).get("name")
+    base = meta.get("base_model") or (recipe.get("model") or {}).get("name") or \
+        (recipe.get("student") or {}).get("model") or (recipe.get("teacher") or {}).get("model")
     metrics: Mapping[str, Mapping[str, Any]] = results.get("metrics") or {}
     task_name = str(results.get("task") or task.get("name") or "")
     pipeline_tag = _PIPELINES.get(meta.get("problem_type") or "")
-    evals = [EvalResult(task_type=pipeline_tag or "other", dataset_type=task_name, dataset_name=task_name,
+    evals = [EvalResult(task_type=pipeline_tag or "other", dataset_type=task_name or name,
+                        dataset_name=task_name or name,
                         metric_type=m, metric_value=v, dataset_split=split)
              for split, vals in metrics.items() for m, v in vals.items()
              if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))]
@@ -136,10 +151,12 @@ def render_card(run: RunDir, results: Mapping[str, Any], repo_id: str | None = N
         model_name=name if evals else None, eval_results=evals or None)
     labels = meta.get("label_names") or meta.get("labels")
     params = results.get("params") or {}
-    source = task.get("hf", {}).get("path") if isinstance(task.get("hf"), dict) else task.get("data_dir")
+    data_files = [f.get("path") if isinstance(f, dict) else f for f in (recipe.get("data") or {}).get("train", [])]
+    source = (task["hf"].get("path") if isinstance(task.get("hf"), dict) else None) or task.get("data_dir") or \
+        task.get("train_file") or ", ".join(map(str, data_files)) or None
     body = [f"# {name}", "", str(recipe.get("description") or "").strip() or "Trained with deltakd.", "",
             "## Model", "",
-            f"- **Task**: {task_name} ({task.get('kind') or meta.get('problem_type') or 'classification'})",
+            f"- **Task**: {task_name or '-'} ({task.get('kind') or meta.get('problem_type') or 'classification'})",
             *([f"- **Labels** (id order): {', '.join(map(str, labels))}"] if labels else []),
             f"- **Data**: `{source}`" + (f"; examples per split: {dict(results.get('examples') or {})}"
                                          if results.get("examples") else ""),
