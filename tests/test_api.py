@@ -13,8 +13,8 @@ from .conftest import write_recipe, write_toy_task
 
 
 def test_import_deltakd_is_light_and_names_the_api_functions():
-    out = subprocess.run([sys.executable, "-c", "import sys, deltakd; print('torch' in sys.modules, deltakd.__version__)"],
-                         capture_output=True, text=True, timeout=300)
+    code = "import sys, deltakd; print('torch' in sys.modules, deltakd.__version__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["False", "0.1.0"]
 

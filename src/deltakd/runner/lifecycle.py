@@ -5,9 +5,10 @@ fails here, nothing written yet) -> run directory + ``recipe.yaml`` (main proces
 (``family.make_trainer``, trackers, metrics log, early stopping) -> train (from the newest complete
 checkpoint on resume) -> ``best/`` and ``last/`` -> ``family.evaluate`` -> ``model/`` ->
 ``family.finish`` -> the model card (``model/README.md``, :mod:`deltakd.publish`) -> ``results.json``
-(written last and atomically: its presence marks the run finished). Under torchrun every process trains and evaluates; only the main one writes. The main
-process holds the run folder's lock (``runs.lock``) from creation or resume selection until
-``results.json``: a second process resuming the same run gets one line.
+(written last and atomically: its presence marks the run finished). Under torchrun every process
+trains and evaluates; only the main one writes. The main process holds the run folder's lock
+(``runs.lock``) from creation or resume selection until ``results.json``: a second process resuming
+the same run gets one line.
 """
 
 from __future__ import annotations
