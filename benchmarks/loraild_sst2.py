@@ -24,7 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 LR = {"nokd": 1e-4, "lorakd": 1e-4, "railkd_c": 1e-4, "railkd_l": 1e-4, "curriculum_railkd": 1e-4,
-      "curriculum_full_loraild": 1e-4}
+      "curriculum_full_loraild": 1e-4, "loraild_average": 1e-4, "loraild_random": 1e-4}
 
 
 def main() -> None:

@@ -123,3 +123,30 @@ def test_bad_recipe_is_one_line_and_writes_nothing(tmp_path, tiny_bert, toy_task
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], out.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
     assert _listing(cache) == before
+
+
+@pytest.mark.parametrize("labels, expected", [(["a", "b", "c"], "teacher: predicts 3 labels, the task has 2"),
+                                              (["neg", "pos"], "teacher: labels ['neg', 'pos'], the task has ['0', '1']")])
+def test_teacher_run_head_is_checked_before_its_weights_load(tmp_path, toy_task, monkeypatch, labels, expected):
+    """A deltakd run as the teacher: its saved metadata gives the head; the weights never load."""
+    import json
+
+    from deltakd import api
+    from deltakd.classify import family
+    from deltakd.errors import DeltakdError
+    from deltakd.models.delta import META_FILE
+
+    model = tmp_path / "teacher-model"
+    model.mkdir()
+    (model / META_FILE).write_text(json.dumps({"num_labels": len(labels), "labels": labels, "format": "transformers",
+                                               "problem_type": "single_label_classification"}))
+
+    def no_weights(*a, **k):
+        raise AssertionError("the teacher's weights were loaded before its head was checked")
+
+    monkeypatch.setattr(family, "load_teacher", no_weights)
+    recipe = write_recipe(tmp_path / "bad.yaml", _cls(tmp_path, toy_task, model, "{losses: {ce: 0.5, kd: 0.5}}")
+                          .replace(f"teacher: {{model: {model}}}", f"teacher: {{run: {model}}}"))
+    with pytest.raises(DeltakdError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+        api.train(recipe)
+    assert not (tmp_path / "runs").exists()

@@ -40,7 +40,7 @@ def test_version_and_recipes_listing():
     ("missing file", "task.train_file=missing.tsv", "missing.tsv' does not exist"),
     ("bad model path", "model.name=./no/model/here", "model './no/model/here': path does not exist"),
     ("hub id offline", "model.name=someone/unknown-model", "not found locally and the hub is offline"),
-    ("tracker not installed", "track=[neptune]", "track: 'neptune' is not installed; pip install neptune"),
+    ("tracker not installed", "track=[neptune]", "track: 'neptune' is not installed; pip install 'deltakd[neptune]'"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, tiny_bert, toy_task, problem, override,
                                                             expected, capsys, monkeypatch):

@@ -94,6 +94,9 @@ def _max_differences(reference: str | Path, resumed: str | Path) -> dict[str, fl
 @pytest.mark.parametrize("name, distill", [
     ("railc", "{losses: {ce: 0.34, kd: 0.33, rail_c: 0.33}, layer_map: {mode: random, k: 1}}"),
     ("kd", "{losses: {ce: 0.5, kd: 0.5}}"),
+    # RAIL-KD at rail_dim: the student's projections and the teacher's fixed one, resumed with the heads
+    pytest.param("railc_dim", "{losses: {ce: 0.34, kd: 0.33, rail_c: 0.33}, layer_map: {mode: random, k: 1}, "
+                 "rail_dim: 8}", marks=pytest.mark.slow),
     # curriculum (loss weights and lr) switching after the resume point (step 35 > 30) and before it (step 10)
     pytest.param("curriculum_after", "{losses: {ce: 0.5, kd: 0.5}, curriculum: {at_epoch: 1.75, losses: {kd: 1.0}, "
                  "lr: 1.0e-3}}", marks=pytest.mark.slow),
@@ -113,6 +116,7 @@ def test_a_killed_distillation_resumes_exactly(tmp_path, teacher_run, toy, monke
     assert Path(resumed["run_dir"]) == run.path and resumed["resumed_from"] == "checkpoint-30"
     diffs = _max_differences(reference["run_dir"], run.path)
     assert name != "railc" or "distill_heads.rail_c.weight" in diffs, sorted(diffs)
+    assert name != "railc_dim" or {"distill_heads.rail_c.weight", "distill_heads.rail_c_teacher.weight"} <= set(diffs)
     assert max(diffs.values()) == 0.0, {k: d for k, d in diffs.items() if d}
     assert resumed["metrics"] == reference["metrics"]
 
@@ -227,7 +231,7 @@ def _cut(path: Path) -> None:
 
 def test_every_checkpoint_has_a_manifest_and_a_damaged_one_is_skipped_not_deleted(tmp_path, tiny_bert, toy_task,
                                                                                    monkeypatch, caplog):
-    from deltakd.runner.checkpoints import MANIFEST, last_complete_checkpoint
+    from deltakd.runner.checkpoints import MANIFEST, last_complete_checkpoint, step_folders
     from deltakd.utils import file_digest
 
     recipe, run = _crashed_plain_run(tmp_path, tiny_bert, toy_task, monkeypatch)
@@ -250,7 +254,8 @@ def test_every_checkpoint_has_a_manifest_and_a_damaged_one_is_skipped_not_delete
     resumed = api.train(recipe, resume=True)
     assert resumed["resumed_from"] == "checkpoint-30" and resumed["train_steps"] == 40
     assert any("skipped damaged checkpoint-40 (optimizer.pt" in r.getMessage() for r in caplog.records)
-    assert int(resumed["last_step"]) == 40 and not list(run.checkpoints.glob("checkpoint-*"))
+    assert int(resumed["last_step"]) == 40 and run.checkpoint("last") == run.checkpoints / "checkpoint-40"
+    assert {p.name for p in step_folders(run.checkpoints)} == {f"checkpoint-{resumed['best_step']}", "checkpoint-40"}
     steps = [e["step"] for e in run.read_events() if "loss" in e]
     assert steps == sorted(steps) and len(steps) == len(set(steps))
 
@@ -266,12 +271,12 @@ def test_resume_never_retrains_a_trained_run_whose_results_were_removed(tmp_path
     results = api.train(recipe)
     run = RunDir(Path(results["run_dir"]))
     run.results_file.unlink()
-    events = run.metrics_file.read_text()
+    events, kept = run.metrics_file.read_text(), sorted(p.name for p in run.checkpoints.iterdir())
     with pytest.raises(DeltakdError, match=r"finished training \(checkpoints/last and model exist\) but has no "
                                            r"results.json; it is not retrained") as err:
         api.train(recipe, resume=True)
     assert "\n" not in str(err.value) and f"deltakd eval {run.path}" in str(err.value)
-    assert run.metrics_file.read_text() == events and not list(run.checkpoints.glob("checkpoint-*"))
+    assert run.metrics_file.read_text() == events and sorted(p.name for p in run.checkpoints.iterdir()) == kept
     assert sorted(p.name for p in run.path.parent.iterdir()) == [run.path.name]  # no new run either
     shutil.rmtree(run.model_dir)  # only checkpoints/last left (killed before model/ was saved): refused too
     with pytest.raises(DeltakdError, match=r"\(checkpoints/last exist\)"):

@@ -139,7 +139,7 @@ def test_ray_backend_without_ray_says_pip_install(tmp_path, toy_task, monkeypatc
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, installed or not
     recipe = sweep_recipe(tmp_path, "some/model", toy_task, "{train.seed: [1, 2]}")
     code, _, err = run_cli(monkeypatch, capsys, "sweep", str(recipe), "--backend", "ray")
-    assert code == 2 and "--backend ray: the 'ray' package is not installed; pip install" in err
+    assert code == 2 and "--backend ray needs ray: pip install 'deltakd[ray]'" in err
     assert not (tmp_path / "runs").exists()
     code, _, err = run_cli(monkeypatch, capsys, "sweep", str(recipe), "--backend", "slurm")
     assert code == 2 and "--backend: 'slurm' is not one of local, ray" in err

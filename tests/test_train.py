@@ -51,8 +51,16 @@ def test_full_finetuning_learns_and_writes_the_run_directory(tmp_path, tiny_bert
     evals = [e for e in events if "eval_accuracy" in e]
     assert [round(e["epoch"]) for e in evals] == [1, 2, 3, 4, 5, 6]
     assert any("loss" in e for e in events)
-    assert (run.checkpoints / "best").is_dir() and (run.checkpoints / "last").is_dir()
-    assert not list(run.checkpoints.glob("checkpoint-*"))
+    # best/ and last/ name real checkpoint-<step> folders, the only ones kept; the Trainer finds the final one
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from deltakd.runner.checkpoints import step_folders
+
+    best, last = run.checkpoint("best"), run.checkpoint("last")
+    assert last == run.checkpoints / "checkpoint-120" and saved["last_step"] == "120"
+    assert best == run.checkpoints / f"checkpoint-{saved['best_step']}"
+    assert {p.name for p in step_folders(run.checkpoints)} == {best.name, last.name}
+    assert get_last_checkpoint(str(run.checkpoints)) == str(last)
     assert list(run.tensorboard_dir.glob("events.out.tfevents.*"))
     # the saved model alone reproduces the reported test accuracy
     tok = AutoTokenizer.from_pretrained(run.model_dir)

@@ -36,7 +36,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from . import families
-from .errors import DeltakdError
+from .errors import DeltakdError, MissingExtraError, optional_import
 from .recipe import apply_overrides, load_raw
 from .recipe.load import parse_override
 from .report.compare import SWEEP_MANIFEST, load_run
@@ -46,7 +46,7 @@ from .runner import Family, lifecycle
 from .runs import RunDir, RunResults, latest_run, newest_finished, read_recipe_data
 from .runs.lock import FolderLock
 from .trackers import check_trackers
-from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .utils import atomic_write_bytes, atomic_write_json, atomic_write_text, warning
 
 BACKENDS = ("local", "ray")
 _NOT_SWEEPABLE = ("name", "output_dir", "sweep", "extends")
@@ -193,12 +193,7 @@ def _state(spec: TrialSpec) -> tuple[str, RunDir | None]:
 
 
 def _ray():
-    try:
-        import ray  # optional dependency: only the ray backend needs it
-    except ImportError:
-        raise DeltakdError("--backend ray: the 'ray' package is not installed; pip install 'ray[default]' "
-                           "(or use --backend local)") from None
-    return ray
+    return optional_import("ray", "--backend ray")  # optional dependency: only the ray backend needs it
 
 
 def run_trial(recipe: Any, family: Family, resume: bool) -> RunResults | None:
@@ -322,7 +317,13 @@ def write_summary(sweep_dir: Path, summary: SweepSummary, grid: dict[str, list[A
     atomic_write_text(files["csv"], summary_csv(summary))
     chart = bool(summary.settings)
     if chart:
-        files["png"] = sweep_dir / "summary.png"
-        atomic_write_bytes(files["png"], summary_chart(summary))
+        try:
+            png = summary_chart(summary)
+        except MissingExtraError as e:  # the tables still count; the chart needs the report extra
+            warning(__name__, f"sweep: no summary.png: {e}")
+            chart = False
+        else:
+            files["png"] = sweep_dir / "summary.png"
+            atomic_write_bytes(files["png"], png)
     atomic_write_text(files["markdown"], summary_markdown(summary, grid, chart="summary.png" if chart else None))
     return files

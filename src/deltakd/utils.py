@@ -26,12 +26,49 @@ def warning(name: str, line: str, *args: Any) -> None:
     log.warning(line, *args)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (readers never see half a file)."""
+def current_umask() -> int:
+    """The process's umask (read from /proc where it can be, so that no other thread sees it changed)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike) -> None:
+    """Give a file or folder made by ``tempfile`` (0600 / 0700) the mode a plain ``open`` / ``mkdir``
+    would have given it under the user's umask (0644 / 0755 under umask 022)."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~current_umask())
+
+
+def honour_umask_tree(root: str | os.PathLike) -> None:
+    """:func:`honour_umask` for ``root`` and everything under it (executable bits kept): libraries write
+    0600 files too (safetensors 0.8's ``save_file`` does, whatever the umask)."""
+    mask = current_umask()
+    for folder, dirs, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                mode = os.stat(path).st_mode
+                os.chmod(path, (0o777 if mode & 0o111 else 0o666) & ~mask)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, parents: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename (readers never see half a file);
+    the file gets the mode of the user's umask, as a plain ``open`` would give it. ``parents``: make
+    the missing folders (else a missing folder is a FileNotFoundError)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -43,14 +80,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str, parents: bool = True) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically, as :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"), parents)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+def atomic_write_json(path: str | os.PathLike, obj: Any, parents: bool = True) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically, as :func:`atomic_write_bytes`."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", parents)
 
 
 def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str] | None = None
@@ -60,11 +97,54 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, Any], metada
 
 
 def replace_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Publish a folder written completely under ``tmp`` as ``target`` (replacing an older one)."""
+    """Publish a folder written completely under ``tmp`` as ``target`` (replacing an older one), its
+    folders and files with the modes of the user's umask (a ``tempfile.mkdtemp`` folder is 0700, a
+    safetensors file 0600)."""
     target = Path(target)
+    honour_umask_tree(tmp)
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
+
+
+def link_dir(path: str | os.PathLike, target: str) -> str:
+    """Make ``path`` name its sibling folder ``target``: a relative symlink (replacing what was at
+    ``path``, atomically), or, where the filesystem refuses symlinks, a small pointer file holding the
+    name (read back by :func:`follow_link`). Returns ``"symlink"`` or ``"pointer"``."""
+    path = Path(path)
+    if os.sep in target or target in ("", ".", ".."):
+        raise ValueError(f"link_dir: {target!r} is not a sibling folder name")
+    tmp = path.with_name(f".{path.name}.link-tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)  # a copied folder of an older layout
+    try:
+        os.symlink(target, tmp, target_is_directory=True)
+    except OSError:
+        if path.is_symlink():
+            path.unlink()
+        atomic_write_text(path, target + "\n")
+        return "pointer"
+    os.replace(tmp, path)
+    return "symlink"
+
+
+def follow_link(path: str | os.PathLike) -> Path | None:
+    """The folder ``path`` stands for: the folder a symlink points to, ``path`` itself (a folder), or the
+    sibling folder a pointer file of :func:`link_dir` names; None when there is none."""
+    path = Path(path)
+    if path.is_symlink():
+        target = path.parent / os.readlink(path)
+        return target if target.is_dir() else None
+    if path.is_dir():
+        return path
+    if path.is_file() and path.stat().st_size < 256:
+        name = path.read_text(encoding="utf-8", errors="replace").strip()
+        target = path.parent / name
+        if name and os.sep not in name and name not in (".", "..") and target.is_dir():
+            return target
+    return None
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -143,6 +223,7 @@ def cached_dir(root: Path, key: str, build: Callable[[Path], None], ready: str) 
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
         try:
             build(tmp)
+            honour_umask_tree(tmp)
             if path.exists():
                 stale = Path(tempfile.mkdtemp(dir=path.parent, prefix=".stale-"))
                 os.replace(path, stale / key)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 
@@ -61,15 +62,6 @@ def test_dialogue_metrics_combines_all():
 
 
 def test_bleu_without_sacrebleu_says_what_to_install(monkeypatch):
-    import builtins
-
-    real = builtins.__import__
-
-    def fake(name, *args, **kwargs):
-        if name == "sacrebleu":
-            raise ImportError(name)
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", fake)
-    with pytest.raises(DeltakdError, match="pip install sacrebleu"):
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)  # import sacrebleu -> ModuleNotFoundError
+    with pytest.raises(DeltakdError, match=r"^BLEU \(dialogue evaluation\) needs sacrebleu: pip install 'deltakd\[dialogue\]'$"):
         corpus_bleu(HYPS, REFS)

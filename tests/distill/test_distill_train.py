@@ -95,6 +95,31 @@ def test_rail_kd_layerwise_live_teacher(tmp_path, teacher_run, toy):
     assert all("loss_rail_l" in e for e in _logged_terms(res["run_dir"]))
 
 
+def test_rail_kd_projects_to_rail_dim(tmp_path, teacher_run, toy):
+    """distill.rail_dim 8 (hidden 32): both RAIL-KD variants compare 8-wide vectors; the student's
+    projections train, the teacher's fixed ones (drawn from train.seed) are saved unchanged."""
+    from safetensors.torch import load_file
+
+    from deltakd.distill.heads import DistillHeads
+
+    res = api.train(_student(tmp_path, teacher_run, toy, "raildim", """
+  losses: {ce: 0.4, rail_c: 0.3, rail_l: 0.3}
+  layer_map: {mode: random, k: 1}
+  rail_dim: 8""", train="max_steps: 6"))
+    assert res["train_steps"] == 6 and res["distill"]["teacher_forwards"] == 0  # served by the cache
+    terms = _logged_terms(res["run_dir"])
+    assert terms and all(0 < e["loss_rail_c"] < 1 and 0 < e["loss_rail_l"] < 1 for e in terms)
+    heads = load_file(str(Path(res["run_dir"]) / "checkpoints" / "last" / "distill_heads.safetensors"))
+    shapes = {k: tuple(v.shape) for k, v in heads.items()}
+    assert shapes == {"rail_c.weight": (8, 32), "rail_c.bias": (8,), "rail_c_teacher.weight": (8, 32),
+                      "rail_l.0.weight": (8, 32), "rail_l.0.bias": (8,), "rail_l_teacher.0.weight": (8, 32)}
+    fresh = DistillHeads(32, 32, 1, rail_c=True, rail_l=True, rail_dim=8, seed=5).state_dict()  # train.seed 5
+    for side in ("rail_c", "rail_l.0"):
+        teacher_key = side.replace("rail_c", "rail_c_teacher").replace("rail_l.0", "rail_l_teacher.0") + ".weight"
+        assert torch.equal(heads[teacher_key], fresh[teacher_key])  # fixed: never trained
+        assert not torch.allclose(heads[f"{side}.weight"], fresh[f"{side}.weight"])  # the student's trained
+
+
 def test_hidden_and_attention_losses_run_the_teacher_live(tmp_path, teacher_run, toy):
     res = api.train(_student(tmp_path, teacher_run, toy, "hidden", """
   losses: {kd: 0.4, hidden_mse: 0.2, hidden_cos: 0.2, attention_kl: 0.2}
@@ -116,6 +141,38 @@ def test_lora_feature_ild_with_curriculum_switches_losses_and_lr(tmp_path, teach
     assert after and all("loss_lora_ild" not in e and "loss_kd" in e for e in after)
     assert all(e["learning_rate"] == pytest.approx(1e-3) for e in after)  # the curriculum lr, held
     assert res["metrics"]["test"]["accuracy"] >= 0.85
+
+
+def test_lora_ild_with_a_random_map_matches_the_drawn_teacher_layer(tmp_path, teacher_run, toy, monkeypatch):
+    """Each step's lora_ild term compares the student layer with the teacher layer drawn for that step
+    (seeded by train.seed and the step, as on --resume), checked against the features by hand."""
+    from deltakd.distill.layer_map import LayerMap
+    from deltakd.losses import terms
+
+    seen: list[tuple[list, float, dict[int, float]]] = []
+    original = terms.lora_ild
+
+    def spy(x):
+        value = original(x)
+        s_feats = [f.detach() for f in x.student_lora.by_layer()[0]]
+        t_by, m = x.teacher_lora.by_layer(), x.mask.float()
+        by_hand = {j: sum(float((((s - t) ** 2).mean(-1) * m).sum() / m.sum()) for s, t in zip(s_feats, t_by[j]))
+                   / len(s_feats) for j in t_by}  # the MSE against each teacher layer
+        seen.append(([(i, list(js)) for i, js in x.pairs], float(value.detach()), by_hand))
+        return value
+
+    monkeypatch.setattr(terms, "lora_ild", spy)
+    res = api.train(_student(tmp_path, teacher_run, toy, "random", "{losses: {lora_ild: 1.0}, "
+                             "layer_map: {mode: random, k: 1}}", train="max_steps: 8",
+                             peft="{method: lora, r: 4, alpha: 8, target: [query, key, value], full: true}"))
+    assert res["train_steps"] == 8 and len(seen) == 8  # one term per optimizer step, training only
+    expected = LayerMap.build("random", 1, 2, k=1, seed=5)  # the recipe's train.seed
+    drawn = [pairs[0][1][0] for pairs, _, _ in seen]
+    assert [pairs for pairs, _, _ in seen] == [expected.select(step=s) for s in range(8)]
+    assert set(drawn) == {0, 1}  # both teacher layers are drawn over the 8 steps
+    for (_, value, by_hand), j in zip(seen, drawn):
+        assert value == pytest.approx(by_hand[j], rel=1e-5)
+        assert abs(value - by_hand[1 - j]) > 1e-6  # the other layer gives another number
 
 
 def test_lora_ild_needs_the_adapter_teacher(tmp_path, teacher_run, toy):

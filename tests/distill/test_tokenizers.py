@@ -136,6 +136,24 @@ def test_tokenizer_difference_names_vocabulary_and_special_tokens(minilm_path):
     assert tokenizer_difference(a, c) == "30522 vs 30523 tokens"
 
 
+def test_same_vocabulary_with_another_normalisation_is_told_apart(minilm_path, tmp_path):
+    """MiniLM's vocabulary with lowercasing switched off: same tokens and ids, different token ids for text."""
+    from transformers import AutoTokenizer
+
+    a = AutoTokenizer.from_pretrained(minilm_path)
+    a.save_pretrained(tmp_path / "cased")
+    for name, key in (("tokenizer.json", "normalizer"), ("tokenizer_config.json", None)):
+        data = json.loads((tmp_path / "cased" / name).read_text())
+        (data[key] if key else data)["lowercase" if key else "do_lower_case"] = False
+        (tmp_path / "cased" / name).write_text(json.dumps(data))
+    b = AutoTokenizer.from_pretrained(tmp_path / "cased")
+    assert a.get_vocab() == b.get_vocab()
+    diff = tokenizer_difference(a, b)
+    assert diff is not None and diff.startswith("same vocabulary but 'Hello World, THIS is a Test.' tokenises as [hello")
+    with pytest.raises(DeltakdError, match="same vocabulary but"):
+        check_tokenizers(b, a, ["kd"])
+
+
 # --- causal LMs: same tokenizer, embeddings of different widths -----------------------------------
 
 

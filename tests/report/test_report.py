@@ -184,3 +184,75 @@ def test_learning_curves_come_from_metrics_jsonl(tmp_path):
     lm = load_run(make_run(tmp_path, "lm", "1", {"perplexity": 9.0, "loss": 2.2}, main="perplexity"))
     lm.events = [{"step": 4, "eval_loss": 2.0}]
     assert curves_of(lm)["eval"] == [(4, pytest.approx(math.exp(2.0)))]
+
+
+def _distilled(root: Path) -> Path:
+    """A distilled run whose results.json has the teacher comparison ``deltakd train`` prints."""
+    path = make_run(root, "sst2-kd", "20250101-000000", teacher=True)
+    results = json.loads((path / "results.json").read_text())
+    results.update({"distill": {"teacher_metrics": {"test": {"accuracy": 0.9312, "loss": 0.21}},
+                                "teacher_params": 109_482_240, "teacher_eval_samples_per_second": 120.5,
+                                "speedup": 3.25},
+                    "eval_samples_per_second": 391.6})
+    (path / "results.json").write_text(json.dumps(results))
+    events = [{"step": s, "loss": 2.0 / s, "loss_ce": 0.7 / s, "loss_kd": 3.1 / s} for s in (5, 10)]
+    events.append({"step": 10, "eval_loss": 0.45, "eval_accuracy": 0.8})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    return path
+
+
+def test_html_has_the_teacher_vs_student_table(tmp_path):
+    kd = _distilled(tmp_path / "runs")
+    html = build_report([kd], tmp_path / "rep")["html"].read_text()
+    assert "<h2>Teacher vs student</h2>" in html
+    assert ("<tr><td>teacher</td><td>0.9312</td><td>0.2100</td><td>109,482,240</td><td>120.5</td></tr>") in html
+    assert ("<tr><td>student</td><td>0.7500</td><td>0.5000</td><td>1,000</td><td>391.6</td></tr>") in html
+    assert "student: 80.5% of the teacher&#x27;s accuracy" in html or "student: 80.5% of the teacher's accuracy" in html
+    assert "109482.24x fewer parameters, 3.25x faster" in html
+
+
+def test_each_loss_term_has_its_own_panel(tmp_path):
+    """A teacher's cross-entropy and a student's weighted distillation objective never share an axis."""
+    from deltakd.report.compare import curve_panels
+    from deltakd.report.plots import curves_figure
+
+    teacher = load_run(make_run(tmp_path / "runs", "teacher", "20250101-000000"))
+    student = load_run(_distilled(tmp_path / "runs"))
+    teacher.label, student.label = "teacher", "student"
+    panels = curve_panels([teacher, student])
+    assert list(panels) == ["training loss", "training objective (weighted sum of terms)", "loss term: ce",
+                            "loss term: kd", "eval accuracy"]
+    assert panels["training loss"] == {"teacher": [(5, 0.69), (10, 0.5)]}
+    assert panels["training objective (weighted sum of terms)"] == {"student": [(5, 0.4), (10, 0.2)]}
+    assert panels["loss term: kd"] == {"student": [(5, 3.1 / 5), (10, 3.1 / 10)]}
+    assert set(panels["eval accuracy"]) == {"teacher", "student"}
+    fig = curves_figure(panels)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == list(panels)
+    by_title = {ax.get_title(): ax for ax in fig.axes}
+    assert [line.get_label() for line in by_title["training loss"].lines] == ["teacher"]
+    assert [line.get_label() for line in by_title["training objective (weighted sum of terms)"].lines] == ["student"]
+
+
+def test_metric_bars_are_zoomed_to_the_data_with_error_bars(tmp_path):
+    from deltakd.report.plots import bar_figure
+    from deltakd.report.sweep_stats import summary_figure
+
+    (ax,) = bar_figure(["a", "b"], {"test": [0.86, 0.85]}).axes
+    low, high = ax.get_ylim()
+    assert 0.8 < low < 0.85 and 0.86 < high < 0.9, (low, high)
+
+    sweep, acc = make_sweep(tmp_path)
+    trials = [Trial(f"s--lr_{lr!r}--seed_{s}", {"train.lr": lr, "train.seed": s},
+                    load_run(sweep / f"s--lr_{lr!r}--seed_{s}" / "20250101-000000")) for lr, s in acc]
+    summary = summarize("s", trials)
+    (ax,) = summary_figure(summary).axes
+    low, high = ax.get_ylim()
+    ends = [s.mean[c] + sign * s.std[c] for s in summary.settings for c in ("valid_accuracy", "test_accuracy")
+            for sign in (-1, 1)]
+    assert 0 < low <= min(ends) and high >= max(ends), (low, high, ends)
+    assert low > 0.7  # valid 0.82-0.86, test 0.77-0.81: not from zero
+    bars = [c for c in ax.containers if hasattr(c, "errorbar")]
+    assert len(bars) == 2 and all(c.errorbar is not None for c in bars)  # valid and test, each with mean ± std
+    (bottom, top), _ = bars[0].errorbar.lines[2][0].get_segments()  # valid, lr 1e-05: mean ± std
+    assert top[1] - bottom[1] == pytest.approx(2 * statistics.stdev([0.80, 0.84, 0.83]))

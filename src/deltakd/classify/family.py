@@ -4,6 +4,7 @@ its delta module, and (with a ``teacher:``) a student distilled from it (logits,
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 from typing import Any
 
 from transformers import AutoConfig, set_seed
@@ -11,7 +12,7 @@ from transformers import AutoConfig, set_seed
 from ..data import TaskData, load_task
 from ..data.tokenize import tokenize_examples
 from ..errors import DeltakdError
-from ..models.delta import Head, attach_delta, load_base, load_teacher, load_tokenizer
+from ..models.delta import Head, attach_delta, find_model_dir, load_base, load_teacher, load_tokenizer, read_meta
 from ..models.hub import load_pretrained, resolve_model_path
 from ..recipe import Recipe
 from ..runner import Prepared
@@ -33,6 +34,15 @@ def check_teacher_head(config: Any, head: Head) -> None:
         raise DeltakdError(f"teacher: labels {names}, the task has {list(head.names or head.labels)}")
 
 
+def teacher_head_config(cfg: Any) -> Any:
+    """The teacher's head (``num_labels``, ``id2label``) without loading its weights: a hub/model
+    config, or a deltakd run's model metadata."""
+    if cfg.run is None:
+        return load_pretrained(AutoConfig.from_pretrained, cfg.model, "teacher.model")
+    meta = read_meta(find_model_dir(cfg.run))
+    return SimpleNamespace(num_labels=meta["num_labels"], id2label=dict(enumerate(meta["labels"] or ())))
+
+
 class ClassificationFamily(TransformersFamily):
     name = "classification"
 
@@ -42,9 +52,7 @@ class ClassificationFamily(TransformersFamily):
         head = Head(task.num_labels, task.labels, names=task.label_names)
         teacher = None
         if recipe.teacher is not None:
-            if recipe.teacher.model is not None:  # its head, before its weights load
-                check_teacher_head(load_pretrained(AutoConfig.from_pretrained, recipe.teacher.model, "teacher.model"),
-                                   head)
+            check_teacher_head(teacher_head_config(recipe.teacher), head)  # before its weights load
             teacher, teacher_tokenizer = load_teacher(recipe.teacher, causal_lm=False)
             check_teacher_head(teacher.config, head)
             tokenizer = self.student_tokenizer(recipe, teacher_tokenizer, lambda: load_tokenizer(recipe.model))

@@ -35,7 +35,7 @@ from ..errors import DeltakdError
 from ..models.delta import count_parameters, find_model_dir, generate_new_tokens, load_trained, read_meta
 from ..runs import RunDir, load_run_recipe
 from ..utils import atomic_write_json, atomic_write_text
-from .metrics import control_accuracy, dialogue_metrics
+from .metrics import control_accuracy, dialogue_metrics, require_sacrebleu
 from .train import add_act_tokens, virtual_tokens
 
 NO_ACT = "none"  # the label of an empty response
@@ -249,6 +249,7 @@ def evaluate_dialogue(run_dir: str | Path | Mapping[str, str | Path], classifier
     """
     if acts not in ("reference", "all"):
         raise DeltakdError(f"acts '{acts}' is unknown; valid: reference, all")
+    require_sacrebleu()  # before any generation: BLEU is scored at the end
     if isinstance(run_dir, Mapping) and out_dir is None:
         raise DeltakdError("dialogue-eval with a run per act needs an output folder (out_dir)")
     template = None

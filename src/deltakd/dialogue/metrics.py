@@ -9,9 +9,9 @@ of empty responses.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-
-from ..errors import DeltakdError
+from ..errors import DeltakdError, optional_import
 
 
 def _same_length(a: Sequence[object], b: Sequence[object], what: str) -> None:
@@ -27,6 +27,11 @@ def control_accuracy(asked: Sequence[str], predicted: Sequence[str]) -> float:
     return sum(a == p for a, p in zip(asked, predicted)) / len(asked)
 
 
+def require_sacrebleu() -> Any:
+    """sacrebleu (the ``dialogue`` extra), imported on first use: BLEU is its only user."""
+    return optional_import("sacrebleu", "BLEU (dialogue evaluation)")
+
+
 def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]],
                 tokenize: str = "13a") -> float:
     """sacrebleu corpus BLEU (0-100) with its defaults (``exp`` smoothing, ``13a`` tokenisation).
@@ -34,10 +39,7 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[
     ``references`` holds one string per hypothesis, or per hypothesis a list of references
     (each hypothesis the same number).
     """
-    try:
-        import sacrebleu  # lazy: BLEU is its only user, and a broken install should say what to do
-    except ImportError:
-        raise DeltakdError("BLEU needs the sacrebleu package: pip install sacrebleu") from None
+    sacrebleu = require_sacrebleu()
     _same_length(hypotheses, references, "corpus_bleu")
     if all(isinstance(r, str) for r in references):
         streams = [list(references)]

@@ -145,7 +145,8 @@ def prepare_distill(d: DistillConfig, student: nn.Module, teacher: nn.Module, ki
         n_pairs = len(layer_map.select(0, 0))
         student_layers = list(layer_map.student_layers) if layer_map.is_random else [s for s, _ in layer_map.pairs]
     heads = DistillHeads(h_s, h_t, n_pairs, rail_c="rail_c" in names, rail_l="rail_l" in names,
-                         hidden_layers=student_layers if table.needing(table.HIDDEN_PROJ, names) else ())
+                         hidden_layers=student_layers if table.needing(table.HIDDEN_PROJ, names) else (),
+                         rail_dim=d.rail_dim, seed=seed)
     cache = None
     if d.cache_teacher and kind == table.CLASSIFICATION and table.cache_served(names) and datasets is not None:
         with PartialState().main_process_first():  # one process builds, the others load

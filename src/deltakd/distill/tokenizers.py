@@ -16,6 +16,10 @@ from typing import Any
 from ..errors import DeltakdError
 from ..losses import table
 
+# Probe texts for the normalisation a vocabulary does not show: case, accents, Unicode forms,
+# whitespace, punctuation, digits and non-Latin scripts.
+PROBES = ("Hello World, THIS is a Test.", "Café naïve résumé Ångström", "e\u0301 ﬁne ＡＢＣ ½",
+          "  tabs\tand   spaces\nnew line", "don't stop-me now!? (3.14) #1 $20 @user", "东京 Москва عربى")
 SPECIAL_IDS = ("pad_token_id", "eos_token_id", "bos_token_id", "cls_token_id", "sep_token_id", "unk_token_id")
 FIX = "use a student with the teacher's tokenizer (student.from_teacher, or a model.name that shares it)"
 
@@ -26,8 +30,8 @@ def describe(tokenizer: Any) -> str:
 
 
 def tokenizer_difference(a: Any, b: Any) -> str | None:
-    """None when both map every token to the same id and use the same special tokens, else what
-    differs (``a``'s value first)."""
+    """None when both map every token to the same id, use the same special tokens and tokenise the
+    probe texts (:data:`PROBES`) identically, else what differs (``a``'s value first)."""
     if a is b:
         return None
     a_vocab, b_vocab = a.get_vocab(), b.get_vocab()
@@ -40,7 +44,20 @@ def tokenizer_difference(a: Any, b: Any) -> str | None:
         a_id, b_id = getattr(a, attr, None), getattr(b, attr, None)
         if a_id != b_id:
             return f"{attr} {a_id} vs {b_id}"
+    for text in PROBES:  # same vocabulary, different normalisation (e.g. one lowercases)
+        a_ids, b_ids = _ids(a, text), _ids(b, text)
+        if a_ids != b_ids:
+            return f"same vocabulary but {text!r} tokenises as {_show(a, a_ids)} vs {_show(b, b_ids)}"
     return None
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _show(tokenizer: Any, ids: list[int], limit: int = 6) -> str:
+    tokens = tokenizer.convert_ids_to_tokens(ids[:limit])
+    return "[" + " ".join(map(str, tokens)) + (" ..." if len(ids) > limit else "") + "]"
 
 
 def check_tokenizers(student: Any, teacher: Any, losses: Iterable[str]) -> None:

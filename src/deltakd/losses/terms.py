@@ -36,7 +36,7 @@ class LossInputs:
     temperature: float = 1.0
     jsd_beta: float = 0.5
     pairs: list[tuple[int, list[int]]] = field(default_factory=list)
-    heads: Any = None  # DistillHeads: .hidden_proj(i), .rail_c, .rail_l
+    heads: Any = None  # DistillHeads: .hidden_proj(i), .rail_c / .rail_c_target(), .rail_l / .rail_l_targets()
     student_lora: lora.LoraACapture | None = None
     teacher_lora: lora.LoraACapture | None = None
     vocab: int | None = None  # lm: the shared tokenizer's length (logits of different widths compare up to it)
@@ -128,17 +128,26 @@ def attention_kl(x: LossInputs) -> Tensor:
 
 def rail_c(x: LossInputs) -> Tensor:
     s_pool, t_pool = x.mapped_pooled
-    return hidden.rail_kd_concat(s_pool, t_pool, x.heads.rail_c, nn.Identity())
+    return hidden.rail_kd_concat(s_pool, t_pool, x.heads.rail_c, x.heads.rail_c_target())
 
 
 def rail_l(x: LossInputs) -> Tensor:
     s_pool, t_pool = x.mapped_pooled
-    return hidden.rail_kd_layerwise(s_pool, t_pool, list(x.heads.rail_l), [None] * len(x.pairs))
+    return hidden.rail_kd_layerwise(s_pool, t_pool, list(x.heads.rail_l), x.heads.rail_l_targets())
 
 
 def lora_ild(x: LossInputs) -> Tensor:
-    """Student layer i's lora_A outputs against those of the first teacher layer it maps to."""
+    """Student layer i's lora_A outputs against the mean of its teacher group's (LoRAILD averages a
+    group; ``fixed`` and the random maps give groups of one). Module m of student layer i is matched
+    with the mean of module m over the group's layers: the same modules run in every layer, in order."""
     s_by, t_by = x.student_lora.by_layer(), x.teacher_lora.by_layer()
-    feats_s = [f for i, _ in x.pairs for f in s_by.get(i, [])]  # (B, L, r) each
-    feats_t = [f for _, js in x.pairs for f in t_by.get(js[0], [])]
+    feats_s: list[Tensor] = []
+    feats_t: list[Tensor] = []
+    for i, js in x.pairs:
+        group = [t_by.get(j, []) for j in js]  # per teacher layer: n_modules x (B, L, r)
+        if len({len(g) for g in group}) != 1:
+            raise ValueError(f"lora_ild: teacher layers {js} have different numbers of lora_A outputs "
+                             f"({[len(g) for g in group]})")
+        feats_s.extend(s_by.get(i, []))  # (B, L, r) each
+        feats_t.extend(torch.stack(fs).mean(0) for fs in zip(*group))  # (B, L, r): the group's mean per module
     return lora.lora_feature_mse(feats_s, feats_t, x.mask)

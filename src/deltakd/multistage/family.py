@@ -21,7 +21,7 @@ from ..runs import RunDir, RunResults
 from ..utils import atomic_write_json, replace_dir
 from .evaluate import evaluate_multilingual, hf_encoder
 from .recipe import MultistageRecipe, load_multistage_recipe, validate
-from .saving import export_plain, save_student
+from .saving import export_plain, save_student, sentence_transformers
 from .stage import Stage, eval_saved, measure, prepare_stage, read_pairs, read_sts_sets, teacher_metrics
 from .structure import count_parameters, multistage_spec
 from .teacher import load_teacher, teacher_embeddings
@@ -43,6 +43,7 @@ class MultistageFamily(Family):
         return load_multistage_recipe(path, overrides, check_files=check_files)
 
     def prepare(self, recipe: MultistageRecipe) -> Prepared:
+        sentence_transformers()  # the embeddings extra, before any work
         stage = prepare_stage(recipe)
         data = {"train": stage.split.train, "valid": stage.split.heldout}
         return Prepared(recipe, None, stage.tokenizer, data, stage.student, teacher=stage.teacher, state=stage)

@@ -33,7 +33,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 from ..errors import DeltakdError
 from ..recipe.kinds import recipe_kind
 from ..recipe.load import apply_overrides, format_validation_error, load_raw
-from ..recipe.schema import Strict, Tracker, TrainConfig
+from ..recipe.schema import Strict, Tracker, TrackOptions, TrainConfig, check_track_options
 
 __all__ = [
     "FAMILY",
@@ -217,6 +217,7 @@ class MultistageRecipe(Strict):
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, lr=5e-5))
     track: list[Tracker] = Field(default_factory=list)
+    track_options: TrackOptions | None = None
     output_dir: Path = Path("runs")
     sweep: dict[str, Annotated[list[Any], Field(min_length=1)]] | None = Field(
         default=None, description="grid for `deltakd sweep`: {dotted.key: [values...]}, e.g. {train.lr: [1e-5, 2e-5]}")
@@ -232,6 +233,11 @@ class MultistageRecipe(Strict):
     def _student_source(self) -> "MultistageRecipe":
         if self.init_from is not None and self.student.model is not None:
             raise ValueError("give at most one of init_from and student.model")
+        return self
+
+    @model_validator(mode="after")
+    def _track_options(self) -> "MultistageRecipe":
+        check_track_options(self.track, self.track_options)
         return self
 
 

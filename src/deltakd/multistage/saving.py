@@ -31,19 +31,13 @@ from typing import Any
 
 import transformers
 from safetensors.torch import load_file, save_file
-from sentence_transformers import SentenceTransformer
 from torch import Tensor, nn
 from transformers import AutoConfig, PreTrainedModel
 
-from ..errors import DeltakdError
+from ..errors import DeltakdError, optional_import
 from .bottleneck import add_embedding_bottleneck, materialize
 from .recurrence import apply_recurrence, unroll
 from .structure import SPEC_KEY, count_parameters, layer_list, layer_owner, multistage_spec
-
-try:  # sentence-transformers >= 5.4
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-except ImportError:  # older layout
-    from sentence_transformers.models import Normalize, Pooling, Transformer
 
 __all__ = [
     "MULTISTAGE_CONFIG",
@@ -205,7 +199,18 @@ def load_student(path: str | os.PathLike[str]) -> PreTrainedModel:
 # --------------------------------------------------------------------------------------------
 
 
+def sentence_transformers() -> Any:
+    """The sentence-transformers package (the ``embeddings`` extra), imported on first use: the family
+    table imports this family for every run, and only multistage needs it."""
+    return optional_import("sentence_transformers", "multistage")
+
+
 def _st_modules() -> tuple[Any, Any, Any]:
+    sentence_transformers()
+    try:  # sentence-transformers >= 5.4
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    except ImportError:  # older layout
+        from sentence_transformers.models import Normalize, Pooling, Transformer
     return Transformer, Pooling, Normalize
 
 
@@ -252,4 +257,4 @@ def to_sentence_transformer(
     modules = [transformer, pooling_cls(hidden, pooling_mode="mean")]
     if normalize:
         modules.append(normalize_cls())
-    return SentenceTransformer(modules=modules, device=str(device))
+    return sentence_transformers().SentenceTransformer(modules=modules, device=str(device))

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from sentence_transformers import SentenceTransformer
 from transformers import AutoTokenizer, set_seed
 
 from ..errors import DeltakdError
@@ -27,7 +26,7 @@ from .data import HeldoutSplit, ParallelPair, StsSet, heldout_split, read_parall
 from .evaluate import encode_speed, evaluate_multilingual, hf_encoder, mse_to_teacher, st_encoder
 from .recipe import MultistageRecipe
 from .recurrence import recurrence_pattern, recurrent_student, search_keep
-from .saving import load_student, transformer_parts, uses_normalize
+from .saving import load_student, sentence_transformers, transformer_parts, uses_normalize
 from .structure import BottleneckEmbedding, count_parameters, layer_pattern
 from .teacher import TeacherEmbeddings, load_teacher, teacher_embeddings
 
@@ -249,7 +248,7 @@ def measure(encoder: Any, stage: Stage, speed: bool = True) -> dict[str, Any]:
 
 def eval_saved(model_dir: Path, stage: Stage) -> dict[str, Any]:
     """The saved ``model/`` folder, loaded as sentence-transformers loads it, measured on the stage's sets."""
-    st = SentenceTransformer(str(model_dir), device="cpu" if cpu_only() else None)
+    st = sentence_transformers().SentenceTransformer(str(model_dir), device="cpu" if cpu_only() else None)
     return measure(st_encoder(st, stage.recipe.eval.batch_size), stage)
 
 

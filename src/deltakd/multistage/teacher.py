@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from safetensors.torch import load_file, save_file
-from sentence_transformers import SentenceTransformer
 from torch import Tensor
 
 from ..distill.cache import teacher_fingerprint
 from ..errors import DeltakdError
 from ..models.hub import resolve_model_path
 from ..utils import cache_root, cached_dir, text_digest
+from .saving import sentence_transformers
 
 __all__ = ["TeacherEmbeddings", "load_teacher", "st_fingerprint", "teacher_embeddings"]
 
@@ -34,9 +34,10 @@ _FILE = "embeddings.safetensors"
 
 def load_teacher(name: str, max_seq_length: int | None = None, device: str | None = None) -> Any:
     """A ``SentenceTransformer`` from a packaged alias, local folder or hub id, in eval mode."""
+    st_class = sentence_transformers().SentenceTransformer
     path = resolve_model_path(name)
     try:
-        st = SentenceTransformer(path, device=device or "cpu")
+        st = st_class(path, device=device or "cpu")
     except (OSError, ValueError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         why = "not found locally and the hub is offline (HF_HUB_OFFLINE=1)" if offline else str(e).splitlines()[0]

@@ -228,7 +228,9 @@ class DistillConfig(Strict):
     jsd_beta: float = Field(default=0.5, ge=0, le=1)
     layer_map: LayerMapSpec | None = None
     curriculum: CurriculumConfig | None = None
-    rail_dim: int = Field(default=128, gt=0, description="width of the RAIL-KD projections")
+    rail_dim: int | None = Field(default=None, gt=0, description="width RAIL-KD compares at: student and teacher "
+                                 "vectors projected to it (the teacher's by a fixed random projection); "
+                                 "default the teacher's width, the student's alone projected")
     lora_ild_modules: list[str] = Field(default_factory=lambda: ["query", "key", "value"], min_length=1,
                                         description="LoRA layers whose lora_A outputs lora_ild matches")
     cache_teacher: bool = Field(default=True, description="teacher logits and pooled layers cached on disk "
@@ -329,6 +331,13 @@ class TrainConfig(Strict):
     metric_for_best: str | None = None
     logging_steps: int = Field(default=10, gt=0)
     save_total_limit: int = Field(default=2, ge=1)
+    keep_checkpoints: Literal["best_last", "all"] | Annotated[int, Field(gt=0)] = Field(
+        default="best_last", description="checkpoints kept: best_last (during training the Trainer keeps "
+        "train.save_total_limit; at the end only the best and the last), all (every saved one), N (the N newest "
+        "plus the best, during training and after); checkpoints/best and checkpoints/last name them")
+    save_optimizer: bool = Field(default=True, description="false: checkpoints hold the weights only (transformers' "
+                                 "save_only_model), no optimizer, scheduler or RNG state: smaller, but --resume is "
+                                 "refused (training could not continue exactly)")
     bf16: bool = False
     fp16: bool = False
     num_workers: int = Field(default=0, ge=0)
@@ -342,10 +351,36 @@ class TrainConfig(Strict):
             if self.save_every % self.eval_every:
                 raise ValueError(f"train.save_every ({self.save_every}) must be a multiple of "
                                  f"train.eval_every ({self.eval_every}) so the best model is among the checkpoints")
+        if self.keep_checkpoints != "best_last" and "save_total_limit" in self.model_fields_set:
+            raise ValueError(f"train.save_total_limit and train.keep_checkpoints: {self.keep_checkpoints} both say how "
+                             "many checkpoints to keep; set one")
         return self
 
 
 Tracker = Literal["tensorboard", "mlflow", "wandb", "neptune"]
+
+
+class NeptuneOptions(Strict):
+    """``track_options.neptune``: where and how a run appears in Neptune (the token: ``NEPTUNE_API_TOKEN``)."""
+
+    project: str | None = Field(default=None, pattern=r"^[^/\s]+/[^/\s]+$",
+                                description="workspace/project; unset: the NEPTUNE_PROJECT environment variable")
+    tags: list[str] = Field(default_factory=list, description="tags of the Neptune run, e.g. [lora, kd]")
+    name: str | None = Field(default=None, min_length=1,
+                             description="the Neptune run's name (e.g. the method); unset: <name>/<stamp>")
+
+
+class TrackOptions(Strict):
+    """``track_options``: per-tracker settings (the trackers themselves are listed in ``track``)."""
+
+    neptune: NeptuneOptions | None = None
+
+
+def check_track_options(track: list[str], options: TrackOptions | None) -> None:
+    """Options for a tracker that ``track`` does not list are a mistake, not a no-op."""
+    for name in ("neptune",):
+        if options is not None and getattr(options, name) is not None and name not in track:
+            raise ValueError(f"track_options.{name}: given but '{name}' is not in track ({track})")
 
 
 class Recipe(Strict):
@@ -361,6 +396,7 @@ class Recipe(Strict):
     student: StudentConfig | None = None
     distill: DistillConfig | None = None
     track: list[Tracker] = Field(default_factory=lambda: ["tensorboard"])
+    track_options: TrackOptions | None = None
     output_dir: Path = Path("runs")
     hub: HubConfig | None = Field(default=None, description="push model/ to the Hub after a successful run "
                                   "(deltakd train; the token from HF_TOKEN or `hf auth login`)")
@@ -400,3 +436,8 @@ class Recipe(Strict):
         if len(set(v)) != len(v):
             raise ValueError(f"track: duplicate trackers in {v}")
         return v
+
+    @model_validator(mode="after")
+    def _track_options(self) -> "Recipe":
+        check_track_options(self.track, self.track_options)
+        return self

@@ -21,8 +21,9 @@ from ..utils import atomic_write_bytes, atomic_write_text
 from .blocks import Block, blocks_markdown
 from .format import fmt_duration, fmt_num, fmt_rate, fmt_value
 from .html import render_html
-from .plots import bar_chart, learning_curves
+from .plots import bar_chart, learning_curves, require_matplotlib
 from .sweep_stats import Trial, best_lines, metric_columns, summarize, summary_chart, summary_table
+from .tables import teacher_student_rows
 
 SWEEP_MANIFEST = "sweep.json"
 
@@ -179,6 +180,63 @@ def curves_of(run: RunInfo) -> dict[str, list[tuple[int, float]]]:
     return {"loss": loss, "eval": ev}
 
 
+def loss_curves_of(run: RunInfo) -> dict[str, list[tuple[int, float]]]:
+    """Each training loss term of ``metrics.jsonl`` against step, keyed by its panel title.
+
+    A run that logs terms (``loss_<term>``: distillation, multistage) trains on their weighted sum:
+    its ``loss`` is that objective, a panel of its own, never the one of a plain run's task loss.
+    """
+    weighted = bool(run.recipe.get("teacher")) or any(
+        isinstance(k, str) and k.startswith("loss_") for e in run.events for k in e)
+    out: dict[str, list[tuple[int, float]]] = {}
+    for e in run.events:
+        step = e.get("step")
+        if not isinstance(step, (int, float)):
+            continue
+        for key, value in e.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if key == "loss":
+                title = "training objective (weighted sum of terms)" if weighted else "training loss"
+            elif key.startswith("loss_"):
+                title = f"loss term: {key[len('loss_'):]}"
+            else:
+                continue
+            out.setdefault(title, []).append((int(step), float(value)))
+    return out
+
+
+def curve_panels(runs: Sequence[RunInfo]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Panel title -> run label -> points: every loss term on its own panel, then the evaluation
+    main metric (one panel per metric name)."""
+    panels: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for r in runs:
+        for title, pts in loss_curves_of(r).items():
+            panels.setdefault(title, {})[r.label] = pts
+    order = sorted(panels, key=lambda t: (not t.startswith("training"), t))
+    panels = {t: panels[t] for t in order}
+    for r in runs:
+        ev = curves_of(r)["eval"]
+        if ev:
+            panels.setdefault(f"eval {r.main_metric}", {})[r.label] = ev
+    return panels
+
+
+def teacher_blocks(runs: Sequence[RunInfo]) -> list[Block]:
+    """The teacher-vs-student table of every distilled run (as ``deltakd train`` prints it)."""
+    blocks: list[Block] = []
+    for r in runs:
+        cells = teacher_student_rows(r.results)
+        if cells is None:
+            continue
+        split, headers, rows, caption = cells
+        blocks.append(Block("text", f"**{r.label}** on {split}: {caption}"))
+        blocks.append(Block("table", headers=headers, rows=rows))
+    if blocks:
+        blocks.insert(0, Block("h2", "Teacher vs student"))
+    return blocks
+
+
 def report_blocks(data: Collected) -> list[Block]:
     runs = data.all_runs()
     if not runs:
@@ -189,11 +247,10 @@ def report_blocks(data: Collected) -> list[Block]:
     blocks.append(Block("h2", "Runs"))
     headers, rows = runs_table(runs)
     blocks.append(Block("table", headers=headers, rows=rows))
-    mains = sorted({r.main_metric for r in runs})
-    eval_label = f"eval {mains[0]}" if len(mains) == 1 else "eval main metric"
+    blocks += teacher_blocks(runs)
     blocks.append(Block("h2", "Learning curves"))
     blocks.append(Block("image", text="learning curves", file="learning_curves.png",
-                        png=learning_curves({r.label: curves_of(r) for r in runs}, eval_label)))
+                        png=learning_curves(curve_panels(runs))))
     for i, sweep in enumerate(data.sweeps):
         summary = summarize(sweep.name, sweep.trials)
         blocks.append(Block("h2", f"Sweep {sweep.name}"))
@@ -219,6 +276,7 @@ def report_blocks(data: Collected) -> list[Block]:
 
 def build_report(paths: Iterable[str | Path], out_dir: str | Path) -> dict[str, Path]:
     """Write ``report.md`` (with its PNGs beside it) and a self-contained ``report.html`` into ``out_dir``."""
+    require_matplotlib("deltakd report")
     data = collect(paths)
     blocks = report_blocks(data)
     out = Path(out_dir)

@@ -8,10 +8,13 @@ import json
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from .format import fmt_num, fmt_value, lower_is_better, markdown_table, setting_label, short_keys
-from .plots import bar_chart
+from .plots import bar_figure, png_bytes
+
+if TYPE_CHECKING:  # matplotlib is optional (the report extra): imported where a chart is drawn
+    from matplotlib.figure import Figure
 
 SEED_KEY = "train.seed"
 METHOD_KEY = "peft.method"
@@ -191,7 +194,13 @@ def best_lines(summary: SweepSummary) -> list[str]:
 
 
 def summary_chart(summary: SweepSummary) -> bytes:
-    """Bars of the valid and test main metric per setting, error bars = std over seeds."""
+    """``summary_figure`` as PNG bytes."""
+    return png_bytes(summary_figure(summary))
+
+
+def summary_figure(summary: SweepSummary) -> Figure:
+    """Bars of the valid and test main metric per setting, error bars = std over seeds, the y axis
+    zoomed to mean ± std."""
 
     series, errors = {}, {}
     for split in SPLITS:
@@ -202,7 +211,7 @@ def summary_chart(summary: SweepSummary) -> bytes:
     best = next((i for i, s in enumerate(summary.settings) if s.best), None)
     n_seeds = sorted({s.n for s in summary.settings})
     seeds = f"n={n_seeds[0]}" if len(n_seeds) == 1 else f"n={n_seeds[0]}-{n_seeds[-1]}"
-    return bar_chart([s.label for s in summary.settings], series, errors, ylabel=summary.main_metric,
+    return bar_figure([s.label for s in summary.settings], series, errors, ylabel=summary.main_metric,
                      title=f"{summary.name}: mean ± std over seeds ({seeds})", highlight=best)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from rich.console import Console
 from rich.table import Table
@@ -42,23 +42,38 @@ def print_results(results: dict[str, Any], console: Console | None = None) -> No
         console.print(teacher_student_table(results))
 
 
-def teacher_student_table(results: dict[str, Any]) -> Table:
-    """Teacher vs student on the same split: main metric, parameters, evaluation speed."""
-    d = results["distill"]
+def teacher_student_rows(results: Mapping[str, Any]) -> tuple[str, list[str], list[list[str]], str] | None:
+    """Teacher vs student on the same split, as plain cells: (split, headers, rows, caption);
+    None for a run without a teacher comparison. Metrics: the main one first, then the others both have."""
+    d = results.get("distill")
+    if not d or not d.get("teacher_metrics"):
+        return None
     split, t_metrics = next(iter(d["teacher_metrics"].items()))
     s_metrics = results["metrics"].get(split, {})
     main = results.get("main_metric") or next(iter(s_metrics), "loss")
     if main not in s_metrics:
         main = "perplexity" if "perplexity" in s_metrics else "loss"
-    table = Table(title=f"teacher vs student ({split})")
-    for col in ("model", main, "parameters", "eval samples/s"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    table.add_row("teacher", _fmt(t_metrics.get(main, float("nan"))), _fmt(d["teacher_params"]),
-                  f"{d['teacher_eval_samples_per_second']:.1f}")
-    table.add_row("student", _fmt(s_metrics.get(main, float("nan"))), _fmt(results["params"]["total"]),
-                  f"{results.get('eval_samples_per_second', float('nan')):.1f}")
+    others = [k for k in s_metrics if k in t_metrics and k != main]
+    names = [main, *others]
+    headers = ["model", *names, "parameters", "eval samples/s"]
+    rows = [["teacher", *[_fmt(t_metrics.get(n, float("nan"))) for n in names], _fmt(d["teacher_params"]),
+             f"{d['teacher_eval_samples_per_second']:.1f}"],
+            ["student", *[_fmt(s_metrics.get(n, float("nan"))) for n in names], _fmt(results["params"]["total"]),
+             f"{results.get('eval_samples_per_second', float('nan')):.1f}"]]
     t_main = t_metrics.get(main)
     ratio = f"{100 * s_metrics[main] / t_main:.1f}% of the teacher's {main}, " if t_main and main in s_metrics else ""
-    table.caption = (f"student: {ratio}{d['teacher_params'] / results['params']['total']:.2f}x fewer parameters, "
-                     f"{d['speedup']:.2f}x faster")
+    caption = (f"student: {ratio}{d['teacher_params'] / results['params']['total']:.2f}x fewer parameters, "
+               f"{d['speedup']:.2f}x faster")
+    return split, headers, rows, caption
+
+
+def teacher_student_table(results: Mapping[str, Any]) -> Table:
+    """Teacher vs student on the same split: metrics, parameters, evaluation speed."""
+    split, headers, rows, caption = teacher_student_rows(results)
+    table = Table(title=f"teacher vs student ({split})")
+    for col in headers:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for row in rows:
+        table.add_row(*row)
+    table.caption = caption
     return table

@@ -12,6 +12,13 @@ from ..runs import RunDir
 from ..utils import cpu_only
 
 
+def trainer_save_limit(t: TrainConfig) -> int | None:
+    """How many checkpoints the Trainer keeps while training (it always keeps the newest and the best)."""
+    if t.keep_checkpoints == "all":
+        return None
+    return t.save_total_limit if t.keep_checkpoints == "best_last" else t.keep_checkpoints
+
+
 def training_arguments(t: TrainConfig, run: RunDir, report_to: list[str], metric: str, has_eval: bool = True,
                        **overrides: Any) -> TrainingArguments:
     """``metric`` picks the best checkpoint; ``overrides`` replace single arguments (a family's label names, say)."""
@@ -34,7 +41,7 @@ def training_arguments(t: TrainConfig, run: RunDir, report_to: list[str], metric
         eval_steps=t.eval_every if steps else None,
         save_strategy="steps" if steps else "epoch",
         save_steps=(t.eval_every if t.save_every == "eval" else t.save_every) if steps else None,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=trainer_save_limit(t),
         load_best_model_at_end=has_eval,
         metric_for_best_model=metric if has_eval else None,
         greater_is_better=not metric.endswith(("loss", "mse")),
@@ -50,7 +57,7 @@ def training_arguments(t: TrainConfig, run: RunDir, report_to: list[str], metric
         label_names=["labels"],
         remove_unused_columns=False,
         disable_tqdm=False,
-        save_only_model=False,
+        save_only_model=not t.save_optimizer,
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)

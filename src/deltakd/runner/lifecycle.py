@@ -26,12 +26,12 @@ from ..publish import write_card
 from ..runs import RunDir, RunResults, new_run_dir
 from ..runs.lock import FolderLock, in_use, lock_holder
 from ..runs.rundir import runs_of
-from ..trackers import check_trackers, tracker_callbacks
+from ..trackers import RunTrackers, check_trackers
 from ..utils import cpu_only
 from .callbacks import MetricsLogCallback
 from .checkpoints import (
     ManifestCallback,
-    check_not_trained,
+    check_resumable,
     checkpoint_step,
     keep_best_and_last,
     last_complete_checkpoint,
@@ -111,7 +111,7 @@ def run(recipe: Any, family: Family, resume: bool = False, init: Callable[[Prepa
         run, lock = claim(run, recipe, family, state)
     try:
         if resume:
-            check_not_trained(run)  # never train a trained run again from step 0
+            check_resumable(run, recipe)  # never train a trained run again from step 0, nor inexactly
         prep = family.prepare(recipe)  # bad data or model fails here, before anything is written
         if init is not None and not resume:
             init(prep)
@@ -133,10 +133,10 @@ def train(prep: Prepared, family: Family, run: RunDir, resume: bool = False, is_
     recipe = prep.recipe
     started = time.time()
     family.before_training(prep)
-    report_to, callbacks = tracker_callbacks(recipe.track, run.path, recipe.output_dir)
-    args = family.arguments(prep, run, report_to)
+    trackers = RunTrackers(recipe, run.path)  # one stream per run, closed by trackers.finish
+    args = family.arguments(prep, run, trackers.report_to)
     guard = DivergenceGuard(recipe.train.nan_patience)
-    cbs = [MetricsLogCallback(run), guard, ManifestCallback(), *callbacks]
+    cbs = [MetricsLogCallback(run), guard, ManifestCallback(), *trackers.callbacks]
     if recipe.train.early_stop and args.eval_strategy != "no":
         cbs.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stop))
     trainer = guard.attach(family.make_trainer(prep, args, cbs))
@@ -145,13 +145,15 @@ def train(prep: Prepared, family: Family, run: RunDir, resume: bool = False, is_
         run.truncate_events(checkpoint_step(checkpoint) if checkpoint else 0)
     out = trainer.train(resume_from_checkpoint=checkpoint)
     if guard.diverged is not None:  # model/ from the newest finite checkpoint, results name the step
-        return finish_diverged(prep, family, trainer, run, guard.diverged, started, checkpoint, is_main)
+        diverged = finish_diverged(prep, family, trainer, run, guard.diverged, started, checkpoint, is_main)
+        trackers.finish(diverged, [run.recipe_file, run.results_file])
+        return diverged
     train_seconds = time.time() - started
     metrics, speed = family.evaluate(prep, trainer)  # every process takes part
     nonfinite_metric_warnings(metrics)
     if not is_main:
         return None
-    ckpt_info = keep_best_and_last(run, trainer.state.best_model_checkpoint)
+    ckpt_info = keep_best_and_last(run, trainer.state.best_model_checkpoint, recipe.train.keep_checkpoints)
     family.save_model(prep, trainer, run)
     results = RunResults(
         name=recipe.name, run_dir=str(run.path), family=family.name, metrics=metrics,
@@ -166,4 +168,5 @@ def train(prep: Prepared, family: Family, run: RunDir, resume: bool = False, is_
     if run.model_dir.is_dir():
         write_card(run, results)  # model/README.md: what the model is, its metrics, how to load it
     run.write_results(results)
+    trackers.finish(results, [run.recipe_file, run.results_file])  # then the tracker runs end
     return results

@@ -4,6 +4,8 @@
 runs/<name>/<YYYYmmdd-HHMMSS>/
   recipe.yaml  metrics.jsonl  results.json  checkpoints/{checkpoint-N,best,last}  model/  tensorboard/  plots/
 ```
+``checkpoints/best`` and ``checkpoints/last`` name real ``checkpoint-<step>`` folders (relative symlinks,
+or small pointer files where symlinks fail): read them through :meth:`RunDir.checkpoint`.
 A run is finished exactly when ``results.json`` exists; it is written last, atomically.
 """
 
@@ -19,7 +21,7 @@ import yaml
 
 from ..errors import DeltakdError
 from ..recipe import Recipe, dump_recipe, validate
-from ..utils import atomic_write_json, atomic_write_text, git_commit, package_versions, warning
+from ..utils import atomic_write_json, atomic_write_text, follow_link, git_commit, package_versions, warning
 from .results import RunResults
 
 _NOTED_OUTSIDE: set[Path] = set()  # one note per output folder per process (a sweep makes many runs)
@@ -46,6 +48,11 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
+
+    def checkpoint(self, name: str) -> Path | None:
+        """The checkpoint folder ``checkpoints/<name>`` stands for (``best``, ``last`` or ``checkpoint-N``;
+        a symlink or pointer file followed), or None."""
+        return follow_link(self.checkpoints / name)
 
     @property
     def model_dir(self) -> Path:

@@ -9,9 +9,10 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import MissingExtraError
 from ..report.format import fmt_num, markdown_table
 from ..report.plots import _new_figure, png_bytes
-from ..utils import atomic_write_bytes, atomic_write_text
+from ..utils import atomic_write_bytes, atomic_write_text, warning
 from .recipe import TransferRecipe
 from .results import TransferResult, csv_text, summarise
 
@@ -109,12 +110,20 @@ def write_results(result: TransferResult, recipe: TransferRecipe) -> dict[str, P
           f"Target {metric.replace('_', ' ')} (×100), mean ± std over seeds; `mean` averages the targets "
           "(its ± is the std over seeds of the per-seed average). Leave-one-out: a target's own module never "
           "takes part. Best non-random start in bold.", "",
-          markdown_table(headers, md_rows), "",
-          "Fusion weights (mean over seeds), sources × targets: `weights.png`, per seed: `weights.csv`.", "",
-          "![fusion weights](weights.png)", ""]
+          markdown_table(headers, md_rows), ""]
+    try:
+        heatmap = weights_heatmap(result, weighted, sources, targets, f"{recipe.name}: fusion weights (mean over seeds)")
+    except MissingExtraError as e:  # the tables still count; the heatmap needs the report extra
+        warning(__name__, f"transfer: no weights.png: {e}")
+        heatmap = None
+        del files["heatmap"]
+        md += ["Fusion weights per seed: `weights.csv`.", ""]
+    else:
+        md += ["Fusion weights (mean over seeds), sources × targets: `weights.png`, per seed: `weights.csv`.", "",
+               "![fusion weights](weights.png)", ""]
     atomic_write_text(files["csv"], csv_text(csv_rows))
     atomic_write_text(files["weights_csv"], csv_text(wrows))
-    atomic_write_bytes(files["heatmap"], weights_heatmap(result, weighted, sources, targets,
-                                                         f"{recipe.name}: fusion weights (mean over seeds)"))
+    if heatmap is not None:
+        atomic_write_bytes(files["heatmap"], heatmap)
     atomic_write_text(files["markdown"], "\n".join(md))
     return files
