@@ -125,8 +125,9 @@ def test_bad_recipe_is_one_line_and_writes_nothing(tmp_path, tiny_bert, toy_task
     assert _listing(cache) == before
 
 
-@pytest.mark.parametrize("labels, expected", [(["a", "b", "c"], "teacher: predicts 3 labels, the task has 2"),
-                                              (["neg", "pos"], "teacher: labels ['neg', 'pos'], the task has ['0', '1']")])
+@pytest.mark.parametrize("labels, expected", [
+    (["a", "b", "c"], "teacher: predicts 3 labels, the task has 2"),
+    (["neg", "pos"], "teacher: labels ['neg', 'pos'], the task has ['negative', 'positive']")])  # SST-2's names
 def test_teacher_run_head_is_checked_before_its_weights_load(tmp_path, toy_task, monkeypatch, labels, expected):
     """A deltakd run as the teacher: its saved metadata gives the head; the weights never load."""
     import json
