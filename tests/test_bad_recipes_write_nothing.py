@@ -67,9 +67,9 @@ def _case(name: str, tmp_path: Path, tiny_bert: Path, toy: Path) -> tuple[str, s
         return (_cls(tmp_path, toy, _classifier(tmp_path / "t3", tiny_bert, 3), "{losses: {ce: 0.5, kd: 0.5}}"),
                 "teacher: predicts 3 labels, the task has 2")
     if name == "teacher_label_names":
-        t = _classifier(tmp_path / "tnames", tiny_bert, 2, ["negative", "positive"])
+        t = _classifier(tmp_path / "tnames", tiny_bert, 2, ["positive", "negative"])  # SST-2's names, swapped
         return (_cls(tmp_path, toy, t, "{losses: {ce: 0.5, kd: 0.5}}"),
-                "teacher: labels ['negative', 'positive'], the task has ['0', '1']")
+                "teacher: labels ['positive', 'negative'], the task has ['negative', 'positive']")
     if name == "layer_map_beyond_student":
         return (_cls(tmp_path, toy, two(), "{losses: {ce: 0.5, kd: 0.5, hidden_mse: 1.0}, layer_map: {3: 0}}"),
                 "layer")
@@ -125,8 +125,9 @@ def test_bad_recipe_is_one_line_and_writes_nothing(tmp_path, tiny_bert, toy_task
     assert _listing(cache) == before
 
 
-@pytest.mark.parametrize("labels, expected", [(["a", "b", "c"], "teacher: predicts 3 labels, the task has 2"),
-                                              (["neg", "pos"], "teacher: labels ['neg', 'pos'], the task has ['0', '1']")])
+@pytest.mark.parametrize("labels, expected", [
+    (["a", "b", "c"], "teacher: predicts 3 labels, the task has 2"),
+    (["neg", "pos"], "teacher: labels ['neg', 'pos'], the task has ['negative', 'positive']")])  # SST-2's names
 def test_teacher_run_head_is_checked_before_its_weights_load(tmp_path, toy_task, monkeypatch, labels, expected):
     """A deltakd run as the teacher: its saved metadata gives the head; the weights never load."""
     import json

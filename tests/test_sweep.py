@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
 import statistics
@@ -17,12 +18,13 @@ from deltakd import api
 from deltakd.errors import DeltakdError
 from deltakd.report.format import short_keys
 from deltakd.runs import RunDir, find_resumable, new_run_dir
-from deltakd import sweep as sweep_module
 from deltakd.runs import RunResults
 from deltakd.runs.lock import FolderLock, lock_holder
 from deltakd.sweep import plan_sweep, trial_names
 
 from .conftest import write_recipe
+
+sweep_module = importlib.import_module("deltakd.sweep")  # `deltakd.sweep`, the attribute, is api.sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,6 +1,7 @@
-"""The facade for users and the CLI: ``train``, ``evaluate``, ``generate``, ``dialogue_eval``,
-``pipeline``, ``sweep``, ``transfer``, ``report``, ``list_recipes``. Each is a thin call into the
-module that owns the work; the CLI only calls these."""
+"""The facade for users and the CLI: ``train``, ``evaluate``, ``predict``, ``load_trained``,
+``generate``, ``dialogue_eval``, ``pipeline``, ``sweep``, ``transfer``, ``report``, ``push``,
+``list_recipes``. Each is a thin call into the module that owns the work; the CLI only calls these.
+A recipe is a YAML path, a dict (the YAML's content) or a recipe object, validated either way."""
 
 from __future__ import annotations
 
@@ -13,8 +14,13 @@ from transformers import set_seed
 from . import families
 from .dialogue.evaluate import GenerationSettings, evaluate_dialogue
 from .errors import DeltakdError, DivergedError
-from .models.delta import find_model_dir, generate_new_tokens, load_trained, read_meta, virtual_token_count
+from .models import delta
+from .models.delta import find_model_dir, generate_new_tokens, read_meta, virtual_token_count
+from .models.predict import Text, predict_run
 from .pipeline import StageOutcome, run_pipeline
+from .publish import push_run
+from .publish.push import Pushed
+from .recipe import apply_overrides
 from .report.compare import build_report
 from .runner import Prepared, lifecycle
 from .runs import RunDir, RunResults
@@ -22,7 +28,22 @@ from .sweep import SweepResult, run_sweep
 from .transfer.run import TransferResult, run_transfer
 
 
-def train(recipe: str | Path | Any, overrides: Iterable[str] = (), resume: bool = False,
+def resolve_recipe(recipe: str | Path | Mapping[str, Any] | Any, overrides: Iterable[str] = ()
+                   ) -> tuple[Any, families.Family]:
+    """A recipe given as a YAML path, a dict or a recipe object, with ``overrides`` applied, validated
+    by its family (one-line :class:`DeltakdError` on bad input), and that family."""
+    if isinstance(recipe, (str, Path)):
+        return families.load(recipe, overrides)
+    if isinstance(recipe, Mapping):
+        data, source = apply_overrides(dict(recipe), overrides), "recipe (dict)"
+    else:
+        fam = families.family_of(recipe)
+        data, source = apply_overrides(fam.dump(recipe), overrides), f"recipe '{recipe.name}'"
+    fam = families.family_of(data)
+    return fam.validate(data, source=source), fam
+
+
+def train(recipe: str | Path | Mapping[str, Any] | Any, overrides: Iterable[str] = (), resume: bool = False,
           init: Callable[[Prepared], None] | None = None) -> RunResults | None:
     """Run a recipe of any family and return its results (also ``results.json`` of the run directory;
     None on the other processes under torchrun).
@@ -32,15 +53,38 @@ def train(recipe: str | Path | Any, overrides: Iterable[str] = (), resume: bool 
     (the checkpoint holds the weights). See :mod:`deltakd.runner.lifecycle` for the steps.
 
     A run whose training diverged (:mod:`deltakd.runner.divergence`) raises :class:`DivergedError`
-    after its ``results.json`` (with ``diverged``) is written."""
-    if isinstance(recipe, (str, Path)):
-        recipe, fam = families.load(recipe, overrides)
-    else:
-        fam = families.family_of(recipe)
+    after its ``results.json`` (with ``diverged``) is written. A recipe with a ``hub:`` section
+    pushes the finished run's ``model/`` there (:func:`push`)."""
+    recipe, fam = resolve_recipe(recipe, overrides)
     results = lifecycle.run(recipe, fam, resume=resume, init=init)
     if results is not None and results.get("diverged"):
         raise DivergedError(results["diverged"]["message"])
+    hub = getattr(recipe, "hub", None)
+    if results is not None and hub is not None:
+        try:
+            push_run(results.run_dir, hub.repo, private=hub.private)
+        except DeltakdError as e:
+            raise DeltakdError(f"{e}; the run finished in {results.run_dir}: push it again with "
+                               f"deltakd push {results.run_dir} --repo {hub.repo}") from None
     return results
+
+
+def predict(run_dir: str | Path, texts: Text | Iterable[Text], batch_size: int = 32) -> list[dict[str, Any]]:
+    """A classifier run's predictions on ``texts`` (a string, a list, or (a, b) pairs for a pair task):
+    per text ``label`` (the task's label name), ``score`` (its probability) and ``scores`` (every
+    label's); a regression run gives ``score`` alone. See :mod:`deltakd.models.predict`."""
+    return predict_run(run_dir, texts, batch_size)
+
+
+def load_trained(path: str | Path, merged: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) of a finished run, a run-name folder (its newest finished run) or a saved
+    ``model/`` folder, in eval mode; ``merged``: a LoRA run's merged copy where it saved one."""
+    return delta.load_trained(find_model_dir(path, "run"), merged=merged)
+
+
+def push(run_dir: str | Path, repo: str, private: bool = False, token: str | None = None) -> Pushed:
+    """Upload a finished run's ``model/`` (its card rendered for ``repo``) to the Hugging Face Hub."""
+    return push_run(run_dir, repo, private=private, token=token)
 
 
 def load_recipe(path: str | Path, overrides: Iterable[str] = (), check_files: bool = True) -> Any:
@@ -62,7 +106,7 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 50, greedy:
     model_dir = find_model_dir(run_dir, "run")
     if read_meta(model_dir)["problem_type"] != "causal_lm":
         raise DeltakdError(f"'{run_dir}' is not a causal-LM run; generate needs one")
-    model, tokenizer = load_trained(model_dir)
+    model, tokenizer = delta.load_trained(model_dir)
     set_seed(seed)
     enc = tokenizer(prompt or tokenizer.eos_token, return_tensors="pt")
     kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id,
@@ -121,13 +165,15 @@ def list_recipes(root: str | Path = "recipes") -> list[tuple[str, str]]:
     return out
 
 
-def sweep(recipe: str | Path | Any, overrides: Iterable[str] = (), backend: str = "local",
+def sweep(recipe: str | Path | Mapping[str, Any] | Any, overrides: Iterable[str] = (), backend: str = "local",
           ray_address: str | None = None, cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0,
           progress: bool = True) -> SweepResult:
     """Run the recipe's ``sweep:`` grid (one ``train`` per trial, resumable) and summarise it over seeds.
 
     Returns a :class:`deltakd.sweep.SweepResult`; see :mod:`deltakd.sweep` for the layout on disk.
     """
+    if isinstance(recipe, Mapping):  # the grid may need the overrides to validate: they stay with the sweep
+        recipe = families.family_of(dict(recipe)).validate(dict(recipe), source="recipe (dict)")
     return run_sweep(recipe, overrides, backend=backend, ray_address=ray_address, cpus_per_trial=cpus_per_trial,
                      gpus_per_trial=gpus_per_trial, progress=progress)
 

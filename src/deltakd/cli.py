@@ -279,6 +279,35 @@ def transfer(recipe: Path = typer.Argument(..., help="Transfer recipe YAML file 
                   f"weights heatmap: {result.files['heatmap']}", markup=False, highlight=False)
 
 
+@app.command()
+def predict(run_dir: Path = typer.Argument(..., help="A finished classification / regression run (or its model/)."),
+            texts: List[str] = typer.Argument(..., help="Texts to classify."),
+            batch_size: int = typer.Option(32, "--batch-size", min=1)):
+    """Classify texts with a run's model: the label by name and its probability."""
+    api = _api()
+
+    preds = api.predict(run_dir, texts, batch_size)
+    table = Table(title=str(run_dir))
+    regression = bool(preds) and "label" not in preds[0]
+    for col in ("text", *(() if regression else ("label",)), "score"):
+        table.add_column(col, justify="right" if col == "score" else "left")
+    for text, p in zip(texts, preds):
+        table.add_row(Text(text), *(() if regression else (Text(p["label"]),)), f"{p['score']:.4f}")
+    console.print(table)
+
+
+@app.command()
+def push(run_dir: Path = typer.Argument(..., help="A finished run directory."),
+         repo: str = typer.Option(..., "--repo", help="Hub model repository, owner/name (created if missing)."),
+         private: bool = typer.Option(False, "--private", help="Create the repository private.")):
+    """Upload a run's model/ with its model card to the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)."""
+    api = _api()
+
+    pushed = api.push(run_dir, repo, private=private)
+    console.print(f"pushed {len(pushed.files)} files of {pushed.folder} to {pushed.url}", markup=False,
+                  highlight=False)
+
+
 def main() -> None:
     """Console entry point: user errors print one line and exit 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

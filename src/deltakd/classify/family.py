@@ -27,10 +27,11 @@ def check_teacher_head(config: Any, head: Head) -> None:
     if n != head.num_labels:
         raise DeltakdError(f"teacher: predicts {n} labels, the task has {head.num_labels}")
     names = [str((getattr(config, "id2label", None) or {}).get(i, "")) for i in range(n)]
-    if head.labels is None or all(_DEFAULT_NAME.fullmatch(x) or not x for x in names):
+    # unnamed classes: LABEL_i, empty, or the class id itself (a deltakd run of a numerically labelled task)
+    if head.labels is None or all(_DEFAULT_NAME.fullmatch(x) or not x or x == str(i) for i, x in enumerate(names)):
         return
-    if tuple(names) != tuple(head.labels):
-        raise DeltakdError(f"teacher: labels {names}, the task has {list(head.labels)}")
+    if tuple(names) not in (tuple(head.labels), tuple(head.names or head.labels)):
+        raise DeltakdError(f"teacher: labels {names}, the task has {list(head.names or head.labels)}")
 
 
 def teacher_head_config(cfg: Any) -> Any:
@@ -48,7 +49,7 @@ class ClassificationFamily(TransformersFamily):
     def prepare(self, recipe: Recipe) -> Prepared:
         set_seed(recipe.train.seed)
         task = load_task(recipe.task, recipe.train.seed)
-        head = Head(task.num_labels, task.labels)
+        head = Head(task.num_labels, task.labels, names=task.label_names)
         teacher = None
         if recipe.teacher is not None:
             check_teacher_head(teacher_head_config(recipe.teacher), head)  # before its weights load

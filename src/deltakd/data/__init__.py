@@ -22,6 +22,12 @@ class TaskData:
     def num_labels(self) -> int:
         return len(self.labels) if self.labels else 1
 
+    @property
+    def label_names(self) -> tuple[str, ...] | None:
+        """What a saved model calls each class (``id2label``): ``task.label_names`` or the preset's
+        names of numeric labels (SST-2: negative, positive), else the label values themselves."""
+        return self.spec.names_of(self.labels)
+
 
 def load_task(cfg: TaskConfig, seed: int) -> TaskData:
     """Read, validate, split and sample a task as its recipe section says."""
@@ -70,7 +76,17 @@ def load_task(cfg: TaskConfig, seed: int) -> TaskData:
                     raise DeltakdError(f"task: {name} split has label {ex['label']!r}, "
                                        f"not in the training labels {list(labels)}")
         splits = {name: [{**ex, "label": index[ex["label"]]} for ex in exs] for name, exs in splits.items()}
+        _check_label_names(spec, labels)
     return TaskData(spec, labels, splits)
+
+
+def _check_label_names(spec: TaskSpec, labels: tuple[str, ...]) -> None:
+    unknown = sorted(set(spec.label_names or {}) - set(labels))
+    if unknown:
+        raise DeltakdError(f"task.label_names: {unknown} are not labels of this task; its labels are {list(labels)}")
+    names = spec.names_of(labels) or ()
+    if len(set(names)) < len(names):
+        raise DeltakdError(f"task.label_names: two labels get the same name ({list(names)})")
 
 
 def _label_names(train: list[Example]) -> tuple[str, ...]:

@@ -28,18 +28,20 @@ class Preset:
     labels: tuple[str, ...] | None
     metrics: tuple[str, ...]  # the first is the model-selection metric
     layouts: tuple[Layout, ...]
+    names: dict[str, str] | None = None  # what the label values mean, where the files hold numbers
 
 
 # GLUE tasks (Wang et al. 2019) with the column names of the GLUE release files.
 PRESETS: dict[str, Preset] = {
     "sst2": Preset("classification", ("0", "1"), ("accuracy",),
-                   (Layout("train.tsv", "dev.tsv", ("sentence",), "label"),)),
+                   (Layout("train.tsv", "dev.tsv", ("sentence",), "label"),), {"0": "negative", "1": "positive"}),
     "cola": Preset("classification", ("0", "1"), ("matthews", "accuracy"),
-                   (Layout("train.tsv", "dev.tsv", (3,), 1, header=False),)),
+                   (Layout("train.tsv", "dev.tsv", (3,), 1, header=False),), {"0": "unacceptable", "1": "acceptable"}),
     "rte": Preset("classification", ("entailment", "not_entailment"), ("accuracy",),
                   (Layout("train.tsv", "dev.tsv", ("sentence1", "sentence2"), "label"),)),
     "mrpc": Preset("classification", ("0", "1"), ("f1", "accuracy"),
-                   (Layout("train.tsv", "dev.tsv", ("#1 String", "#2 String"), "Quality"),)),
+                   (Layout("train.tsv", "dev.tsv", ("#1 String", "#2 String"), "Quality"),),
+                   {"0": "not_equivalent", "1": "equivalent"}),
     "stsb": Preset("regression", None, ("pearson", "spearman"), (
         Layout("train.tsv", "dev.tsv", ("sentence1", "sentence2"), "score"),
         # the original STS Benchmark release: tab-separated despite the .csv name, no header
@@ -48,7 +50,8 @@ PRESETS: dict[str, Preset] = {
     "qnli": Preset("classification", ("entailment", "not_entailment"), ("accuracy",),
                    (Layout("train.tsv", "dev.tsv", ("question", "sentence"), "label"),)),
     "qqp": Preset("classification", ("0", "1"), ("f1", "accuracy"),
-                  (Layout("train.tsv", "dev.tsv", ("question1", "question2"), "is_duplicate"),)),
+                  (Layout("train.tsv", "dev.tsv", ("question1", "question2"), "is_duplicate"),),
+                  {"0": "not_duplicate", "1": "duplicate"}),
     "mnli": Preset("classification", ("contradiction", "entailment", "neutral"), ("accuracy",),
                    (Layout("train.tsv", "dev_matched.tsv", ("sentence1", "sentence2"), "gold_label"),)),
 }
@@ -70,6 +73,14 @@ class TaskSpec:
     format: str = "auto"
     header: bool = True
     extra_cells: str = "error"  # a tsv/csv row with more cells than the header: error | ignore
+    label_names: dict[str, str] | None = None  # label value -> the name a saved model answers with
+
+    def names_of(self, labels: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        """The names a model answers with for ``labels`` (class values in id order): each value's
+        entry in ``label_names``, else the value itself; None for regression."""
+        if not labels:
+            return None
+        return tuple(str((self.label_names or {}).get(v, v)) for v in labels)
 
     @property
     def main_metric(self) -> str:
@@ -96,8 +107,10 @@ def resolve_task(cfg: TaskConfig) -> TaskSpec:
             f"task.name: '{cfg.name}' is not a preset ({', '.join(sorted(PRESETS))}); "
             "a custom task needs task.text_columns and task.label_column")
     labels = tuple(cfg.labels) if cfg.labels else (preset.labels if preset else None)
+    label_names = dict(cfg.label_names) if cfg.label_names else \
+        (preset.names if preset is not None and labels == preset.labels else None)
     if kind == "regression":
-        labels = None
+        labels = label_names = None
     metrics = tuple(cfg.metrics) if cfg.metrics else (preset.metrics if preset else METRICS_BY_KIND[kind])
     bad = [m for m in metrics if m not in _METRICS_FOR[kind]]
     if bad:
@@ -120,7 +133,7 @@ def resolve_task(cfg: TaskConfig) -> TaskSpec:
     if lay is not None and cfg.format == "auto":
         fmt, header = lay.format, lay.header
     return TaskSpec(cfg.name, kind, labels, metrics, text_columns, label_column, files, fmt, header,
-                    cfg.extra_cells)
+                    cfg.extra_cells, label_names)
 
 
 _METRICS_FOR = {"classification": ("accuracy", "f1", "matthews"), "regression": ("pearson", "spearman")}

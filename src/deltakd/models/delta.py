@@ -32,7 +32,7 @@ from ..recipe.schema import (
 from ..runs import RunDir, finished_runs
 from ..utils import atomic_write_json, replace_dir
 from .bottleneck import BottleneckSpec, add_bottleneck_adapters, load_bottleneck, save_bottleneck
-from .hub import load_pretrained, resolve_model_path
+from .hub import load_pretrained, portable_name
 
 META_FILE = "deltakd_model.json"
 
@@ -42,8 +42,9 @@ class Head:
     """What the classification head predicts."""
 
     num_labels: int
-    labels: tuple[str, ...] | None  # class names; None for regression (and causal LMs)
+    labels: tuple[str, ...] | None  # class values as the data holds them; None for regression (and causal LMs)
     causal_lm: bool = False
+    names: tuple[str, ...] | None = None  # what the model calls each class (id2label); default: the values
 
     @property
     def problem_type(self) -> str:
@@ -53,9 +54,10 @@ class Head:
 
     def config_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"num_labels": self.num_labels, "problem_type": self.problem_type}
-        if self.labels:
-            kw["id2label"] = dict(enumerate(self.labels))
-            kw["label2id"] = {n: i for i, n in enumerate(self.labels)}
+        names = self.names or self.labels
+        if names:
+            kw["id2label"] = dict(enumerate(names))
+            kw["label2id"] = {n: i for i, n in enumerate(names)}
         return kw
 
 
@@ -226,16 +228,19 @@ def save_trained(model: torch.nn.Module, directory: Path, cfg: PeftConfig, model
     - other peft methods: the adapter with the trained head (peft ``modules_to_save``);
       LoRA ``merge: true`` also writes ``merged/``, a plain model;
     - bottleneck adapters: adapter weights + config (reload with :func:`load_trained`).
-    ``base_path`` (default: ``model_cfg.name`` resolved) is where an adapter's base model reloads from.
+    ``base_path`` (default: ``model_cfg.name``) is where an adapter's base model reloads from; it is
+    recorded by a name another machine resolves (:func:`deltakd.models.hub.portable_name`: an alias's
+    hub id, not its packaged path here) in ``deltakd_model.json`` and peft's ``adapter_config.json``.
     Returns the metadata written to ``deltakd_model.json``.
     """
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    base_path = base_path or resolve_model_path(model_cfg.name)
+    base_path = portable_name(base_path or model_cfg.name)
     meta: dict[str, Any] = {"base_model": base_path, "method": cfg.method, "problem_type": head.problem_type,
-                            "num_labels": head.num_labels, "labels": list(head.labels) if head.labels else None}
+                            "num_labels": head.num_labels, "labels": list(head.labels) if head.labels else None,
+                            "label_names": list(head.names) if head.names else None}
     if isinstance(cfg, FullFT) or (isinstance(cfg, LoraPeft) and cfg.full):
         plain = model.merge_and_unload() if isinstance(cfg, LoraPeft) else model
         plain.save_pretrained(tmp)
@@ -247,6 +252,7 @@ def save_trained(model: torch.nn.Module, directory: Path, cfg: PeftConfig, model
         # added tokens trained with the delta (train_embedding_rows): the resized embedding goes with the adapter
         resized = getattr(model.get_input_embeddings().weight, "trainable_rows", None) is not None
         model.save_pretrained(tmp, **({"save_embedding_layers": True} if resized else {}))
+        _name_base(tmp / "adapter_config.json", base_path)
         meta["format"] = "peft"
         if isinstance(cfg, LoraPeft) and cfg.merge:
             merged = copy.deepcopy(model).merge_and_unload()
@@ -257,6 +263,17 @@ def save_trained(model: torch.nn.Module, directory: Path, cfg: PeftConfig, model
     atomic_write_json(tmp / META_FILE, meta)
     replace_dir(tmp, directory)
     return meta
+
+
+def _name_base(adapter_config: Path, name: str) -> None:
+    """peft records the base model by the path it loaded from (an alias's packaged copy inside this
+    machine's environment); name it as another machine finds it. Prompt tuning's ``init_text``
+    tokenizer is the same model."""
+    data = json.loads(adapter_config.read_text(encoding="utf-8"))
+    data["base_model_name_or_path"] = name
+    if data.get("tokenizer_name_or_path"):
+        data["tokenizer_name_or_path"] = name
+    atomic_write_json(adapter_config, data)
 
 
 def read_meta(directory: Path) -> dict[str, Any]:
@@ -272,7 +289,8 @@ def load_trained(directory: str | Path, merged: bool = False) -> tuple[torch.nn.
     meta = read_meta(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     head = Head(meta["num_labels"], tuple(meta["labels"]) if meta["labels"] else None,
-                causal_lm=meta["problem_type"] == "causal_lm")
+                causal_lm=meta["problem_type"] == "causal_lm",
+                names=tuple(meta["label_names"]) if meta.get("label_names") else None)
     fmt = meta["format"]
     if head.causal_lm:
         if fmt == "transformers":
@@ -290,8 +308,8 @@ def load_trained(directory: str | Path, merged: bool = False) -> tuple[torch.nn.
     elif fmt == "transformers":
         model = AutoModelForSequenceClassification.from_pretrained(directory)
     else:
-        base = AutoModelForSequenceClassification.from_pretrained(meta["base_model"], ignore_mismatched_sizes=True,
-                                                                  **head.config_kwargs())
+        base = load_pretrained(AutoModelForSequenceClassification.from_pretrained, meta["base_model"], "base model",
+                               ignore_mismatched_sizes=True, **head.config_kwargs())
         if fmt == "peft":
             accept_past_key_values(base)  # prefix tuning (a no-op otherwise)
             model = PeftModel.from_pretrained(base, directory)

@@ -22,10 +22,19 @@ def _minilm_l6() -> str:
 
 # Models shipped inside PyPI packages, usable with no network.
 ALIASES: dict[str, Callable[[], str]] = {"minilm-l6": _minilm_l6}
+# The hub id of each alias's model: what a saved model names as its base, loadable on any machine
+# (and here, offline, from the packaged copy).
+HUB_IDS: dict[str, str] = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2"}
 
 
 def resolve_model_path(name: str) -> str:
-    """An alias becomes its packaged path; a path must exist; anything else is a hub id."""
+    """An alias (or the hub id of one) becomes its packaged path; a path must exist; anything else is a hub id."""
+    alias = next((a for a, hub_id in HUB_IDS.items() if hub_id == name), None)
+    if alias is not None:  # the packaged copy where its package is installed, else the hub as usual
+        try:
+            return ALIASES[alias]()
+        except DeltakdError:
+            return name
     if name in ALIASES:
         return ALIASES[name]()
     p = Path(name).expanduser()
@@ -35,6 +44,17 @@ def resolve_model_path(name: str) -> str:
             raise DeltakdError(f"model '{name}': path does not exist")
         return str(p)
     return name
+
+
+def portable_name(name: str) -> str:
+    """How a saved model names its base so that another machine can load it: an alias's hub id, a hub
+    id as it is, a local folder as an absolute path (it exists on this machine only)."""
+    if name in HUB_IDS:
+        return HUB_IDS[name]
+    if name in ALIASES:
+        return name
+    resolved = resolve_model_path(name)
+    return str(Path(resolved).resolve()) if Path(resolved).exists() else name
 
 
 _QUIET_BARS = ("Loading weights", "Writing model shards")  # per model loaded / saved; deltakd reports both steps

@@ -93,6 +93,9 @@ class TaskConfig(Strict):
     text_columns: list[str | int] | None = Field(default=None, min_length=1, max_length=2)
     label_column: str | int | None = None
     labels: list[str] | None = Field(default=None, min_length=2)
+    label_names: dict[str, str] | None = Field(
+        default=None, description="what the label values mean, e.g. {0: negative, 1: positive}: the names a saved "
+        "model answers with (id2label); GLUE presets with numeric labels name theirs")
     kind: Literal["classification", "regression", "lm", "dialogue"] | None = None
     metrics: list[Literal["accuracy", "f1", "matthews", "pearson", "spearman", "perplexity"]] | None = None
     hf: HFSource | None = None
@@ -105,6 +108,15 @@ class TaskConfig(Strict):
     max_length: int = Field(default=128, ge=8, le=8192)
     block_size: int = Field(default=128, ge=8, le=8192, description="lm: tokens per training block")
     dialogue: DialogueOptions | None = Field(default=None, description="read DailyDialog from data_dir")
+
+    @field_validator("label_names", mode="before")
+    @classmethod
+    def _label_keys(cls, v: Any) -> Any:
+        """YAML reads ``{0: negative}`` with a number for a key; labels are text (as the readers make them)."""
+        if isinstance(v, dict):
+            return {str(int(k)) if isinstance(k, bool) or (isinstance(k, float) and k.is_integer()) else str(k): val
+                    for k, val in v.items()}
+        return v
 
     @model_validator(mode="after")
     def _sources(self, info: ValidationInfo) -> "TaskConfig":
@@ -151,6 +163,14 @@ class FromTeacher(Strict):
         if (self.layers is None) == (self.nb_layers is None):
             raise ValueError("student.from_teacher: give exactly one of layers or nb_layers")
         return self
+
+
+class HubConfig(Strict):
+    """Push the finished run's ``model/`` (with its model card) to a Hugging Face Hub model repository."""
+
+    repo: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="owner/name of the model repository (created if missing)")
+    private: bool = Field(default=False, description="create the repository private")
 
 
 class TeacherConfig(Strict):
@@ -386,6 +406,8 @@ class Recipe(Strict):
     track: list[Tracker] = Field(default_factory=lambda: ["tensorboard"])
     track_options: TrackOptions | None = None
     output_dir: Path = Path("runs")
+    hub: HubConfig | None = Field(default=None, description="push model/ to the Hub after a successful run "
+                                  "(deltakd train; the token from HF_TOKEN or `hf auth login`)")
     sweep: dict[str, Annotated[list[Any], Field(min_length=1)]] | None = Field(
         default=None, description="grid for `deltakd sweep`: {dotted.key: [values...]}, e.g. {train.lr: [1e-5, 2e-5]}")
 

@@ -4,10 +4,11 @@ resolved recipe -> (resume: the matching unfinished run) -> ``family.prepare`` (
 fails here, nothing written yet) -> run directory + ``recipe.yaml`` (main process) -> Trainer
 (``family.make_trainer``, trackers, metrics log, early stopping) -> train (from the newest complete
 checkpoint on resume) -> ``best/`` and ``last/`` -> ``family.evaluate`` -> ``model/`` ->
-``family.finish`` -> ``results.json`` (written last and atomically: its presence marks the run
-finished). Under torchrun every process trains and evaluates; only the main one writes. The main
-process holds the run folder's lock (``runs.lock``) from creation or resume selection until
-``results.json``: a second process resuming the same run gets one line.
+``family.finish`` -> the model card (``model/README.md``, :mod:`deltakd.publish`) -> ``results.json``
+(written last and atomically: its presence marks the run finished). Under torchrun every process
+trains and evaluates; only the main one writes. The main process holds the run folder's lock
+(``runs.lock``) from creation or resume selection until ``results.json``: a second process resuming
+the same run gets one line.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from accelerate.utils import broadcast_object_list
 from transformers import EarlyStoppingCallback
 
 from ..errors import DeltakdError
+from ..publish import write_card
 from ..runs import RunDir, RunResults, new_run_dir
 from ..runs.lock import FolderLock, in_use, lock_holder
 from ..runs.rundir import runs_of
@@ -174,6 +176,8 @@ def _train_and_finish(prep: Prepared, family: Family, run: RunDir, trainer: Any,
                "train_loss": float(out.training_loss)})
     results = family.finish(prep, trainer, run, results, speed, test)
     results.wall_time_s = time.time() - started
+    if run.model_dir.is_dir():
+        write_card(run, results)  # model/README.md: what the model is, its metrics, how to load it
     run.write_results(results)
     trackers.finish(results, [run.recipe_file, run.results_file])  # then the tracker runs end
     return results
