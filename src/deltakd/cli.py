@@ -193,8 +193,10 @@ def dialogue_eval(run_dir: Path = typer.Argument(..., help="A finished DailyDial
     table.add_row(*[f"{m[k]:.4f}" for k in keys])
     console.print(table)
     if "act_nll_gap" in m:
-        console.print(f"act sensitivity: reference NLL {m['act_nll_gap']:+.4f} nats/token lower under its own act "
-                      f"than under the others; own act lowest for {m['act_recovered']:.1%}", highlight=False)
+        signal = res.get("control", "act")  # act or emotion
+        console.print(f"{signal} sensitivity: reference NLL {m['act_nll_gap']:+.4f} nats/token lower under its own "
+                      f"{signal} than under the others; own {signal} lowest for {m['act_recovered']:.1%}",
+                      highlight=False)
     console.print(f"wrote {res['run_dir']}/dialogue_eval_{split}.json", markup=False, highlight=False)
 
 
