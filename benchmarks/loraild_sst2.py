@@ -52,12 +52,12 @@ def main() -> None:
     t_acc = teacher["metrics"]["test"]["accuracy"]
     rows = []
     for method in a.methods:
-        overrides = [*common, f"teacher.run={teacher['run_dir']}", f"train.epochs={a.student_epochs}"]
-        recipe = load_recipe(recipes / f"{method}.yaml", overrides)
+        overrides = [*common, f"teacher.run={teacher['run_dir']}"]
+        recipe = load_recipe(recipes / f"{method}.yaml", overrides)  # as written: its own epochs
         cur = recipe.distill.curriculum if recipe.distill else None
         if cur is not None:  # keep the switch at the same share of training when the epochs change
-            base_epochs = load_recipe(recipes / f"{method}.yaml", overrides[:-1]).train.epochs
-            overrides.append(f"distill.curriculum.at_epoch={cur.at_epoch * a.student_epochs / base_epochs:.4g}")
+            overrides.append(f"distill.curriculum.at_epoch={cur.at_epoch * a.student_epochs / recipe.train.epochs:.4g}")
+        overrides.append(f"train.epochs={a.student_epochs}")
         res = api.sweep(recipes / f"{method}.yaml", [
             *overrides, f"sweep.train.lr=[{LR[method]}]", f"sweep.train.seed={a.seeds}"], progress=True)
         results = [json.loads((Path(t.run_dir) / "results.json").read_text()) for t in res.trials]
