@@ -8,9 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from transformers import TrainerCallback
-
-from .common import numbers
+from .common import StreamCallback
 
 
 def _key(name: str) -> str:
@@ -26,7 +24,7 @@ def mlflow_uri(output_dir: Path) -> str:
     return (Path(output_dir).resolve() / "mlruns").as_uri()
 
 
-class MLflowRun(TrainerCallback):
+class MLflowRun(StreamCallback):
     """One MLflow run per deltakd run: created (or, on resume, found by name) at the first step."""
 
     def __init__(self, uri: str, experiment: str, run_name: str, params: dict[str, Any]) -> None:
@@ -72,17 +70,9 @@ class MLflowRun(TrainerCallback):
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and self.run_id is None:
-            self._start()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        if self.run_id is None:
-            self._start()
-        self.step = state.global_step
-        self.log(numbers(logs), state.global_step)
+    @property
+    def started(self) -> bool:
+        return self.run_id is not None
 
     def finish(self, final: dict[str, float], files: Iterable[Path]) -> None:
         if self.run_id is None:

@@ -13,12 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
-from transformers import TrainerCallback
-
-from .common import numbers
+from .common import StreamCallback
 
 
-class NeptuneRun(TrainerCallback):
+class NeptuneRun(StreamCallback):
     def __init__(self, options: Any, run_name: str, params: dict[str, Any]) -> None:
         self.project = getattr(options, "project", None)
         self.tags = list(getattr(options, "tags", None) or [])
@@ -35,17 +33,13 @@ class NeptuneRun(TrainerCallback):
         self.run = neptune.init_run(**kwargs)
         self.run["parameters"] = self.params
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and self.run is None:
-            self._start()
+    @property
+    def started(self) -> bool:
+        return self.run is not None
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        if self.run is None:
-            self._start()
-        for k, v in numbers(logs).items():
-            self.run[f"metrics/{k}"].append(v, step=state.global_step)
+    def log(self, values: dict[str, float], step: int) -> None:
+        for k, v in values.items():
+            self.run[f"metrics/{k}"].append(v, step=step)
 
     def finish(self, final: dict[str, float], files: Iterable[Path]) -> None:
         if self.run is None:
