@@ -21,7 +21,7 @@ from ..runs import RunDir, RunResults
 from ..utils import atomic_write_json, replace_dir
 from .evaluate import evaluate_multilingual, hf_encoder
 from .recipe import MultistageRecipe, load_multistage_recipe, validate
-from .saving import export_plain, save_student, sentence_transformers
+from .saving import portable_parameters, save_student, sentence_transformers
 from .stage import Stage, eval_saved, measure, prepare_stage, read_pairs, read_sts_sets, teacher_metrics
 from .structure import count_parameters, multistage_spec
 from .teacher import load_teacher, teacher_embeddings
@@ -97,7 +97,7 @@ class MultistageFamily(Family):
         stage, recipe, model = _stage(prep), prep.recipe, trainer.model
         teacher_params, params = count_parameters(stage.teacher), count_parameters(model)
         results.params = {"total": params, "trainable": count_parameters(model, trainable_only=True),
-                          "trainable_pct": 100.0, "portable": count_parameters(export_plain(model)),
+                          "trainable_pct": 100.0, "portable": portable_parameters(model),
                           "teacher": teacher_params, "ratio_to_teacher": params / teacher_params}
         results.main_metric = "avg/sts_spearman" if stage.sts else "avg/acc"
         results.examples = {"train": len(stage.split.train), "heldout": len(stage.split.heldout),
