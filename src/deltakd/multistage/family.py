@@ -21,6 +21,7 @@ from ..runs import RunDir, RunResults
 from ..utils import atomic_write_json, replace_dir
 from .evaluate import evaluate_multilingual, hf_encoder
 from .recipe import MultistageRecipe, load_multistage_recipe, validate
+from .processes import is_main_process
 from .saving import portable_parameters, save_student, sentence_transformers
 from .stage import Stage, eval_saved, measure, prepare_stage, read_pairs, read_sts_sets, teacher_metrics
 from .structure import count_parameters, multistage_spec
@@ -84,6 +85,8 @@ class MultistageFamily(Family):
         return {}, {}  # measured on the saved folder in finish()
 
     def save_model(self, prep: Prepared, trainer: Trainer, run: RunDir) -> None:
+        if not is_main_process():  # the lifecycle calls it on the main process only; never two writers
+            return
         stage, model = _stage(prep), trainer.model
         model.eval()
         tmp = run.path / ".model-tmp"
@@ -150,6 +153,8 @@ def evaluate_run(run: RunDir, family: MultistageFamily | None = None) -> RunResu
     tested = RunResults(recipe.name, str(run.path))
     add_test(tested, run.model_dir, stage)
     measured = {"metrics": tested.metrics, **tested.extra}
+    if not is_main_process():  # under torchrun: measured everywhere, written once
+        return tested
     atomic_write_json(run.path / "eval.json", measured)
     if run.finished:
         saved = run.read_results()

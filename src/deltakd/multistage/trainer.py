@@ -19,13 +19,14 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..distill.trainer import TermLoggingTrainer
-from . import losses as L
 from .data import ParallelCollator, ParallelPair
 from .evaluate import sentence_embedding
+from .losses import loss_terms
+from .processes import gather_rows, mean_over_processes
 from .recipe import LossConfig
 from .teacher import TeacherEmbeddings
 
-__all__ = ["MultistageTrainer", "PairBatchCollator", "embed"]
+__all__ = ["MultistageTrainer", "PairBatchCollator", "embed", "loss_terms"]
 
 
 class PairBatchCollator(ParallelCollator):
@@ -48,32 +49,6 @@ def embed(model: nn.Module, encoded: dict[str, Tensor], normalize: bool) -> Tens
     return sentence_embedding(model, encoded, normalize)
 
 
-IN_BATCH = ("mcl", "ce", "bool")  # the terms whose negatives are the other rows of the batch
-
-
-def loss_terms(s_en: Tensor, s_tr: Tensor, t_en: Tensor, cfg: LossConfig,
-               gather: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
-    """The active terms, each (): student English / translation (B, H), teacher English (B, H).
-
-    ``gather`` (``processes.gather_rows`` under torchrun) turns this process's rows into the
-    global batch's for the in-batch terms, so their negatives are every process's rows and their
-    value is the one-process value of the global batch; the MSE stays per process (its mean over
-    processes, as DDP averages gradients, is the global batch's MSE)."""
-    w = cfg.weights()
-    out: dict[str, Tensor] = {}
-    if w["mse"] > 0:
-        out["mse"] = L.reimers_mse(s_en, s_tr, t_en)
-    if any(w[k] > 0 for k in IN_BATCH):
-        q, k = (gather(s_tr), gather(t_en)) if gather is not None else (s_tr, t_en)  # (B_global, H)
-        if w["mcl"] > 0:
-            out["mcl"] = L.mcl_loss(q, k, temperature=cfg.temperature)
-        if w["ce"] > 0:
-            out["ce"] = L.in_batch_ce(q, k, temperature=cfg.temperature)
-        if w["bool"] > 0:
-            out["bool"] = L.in_batch_bce(q, k, temperature=cfg.temperature, bias=cfg.bool_bias)
-    return out
-
-
 class MultistageTrainer(TermLoggingTrainer):
     """``transformers.Trainer`` whose loss is the recipe's weighted embedding objectives.
 
@@ -92,11 +67,11 @@ class MultistageTrainer(TermLoggingTrainer):
         s_en = embed(model, inputs["english"], self.normalize)  # (B, H)
         s_tr = embed(model, inputs["translation"], self.normalize)  # (B, H)
         t_en = inputs["teacher_en"].to(s_en.dtype)  # (B, H)
-        terms = loss_terms(s_en, s_tr, t_en, self.loss_cfg)
+        terms = loss_terms(s_en, s_tr, t_en, self.loss_cfg, gather=gather_rows)
         weights = self.loss_cfg.weights()
         loss = sum(weights[k] * v for k, v in terms.items())
         if model.training:  # each term over the global batch (the MSE averaged over processes)
-            self.record_terms(terms)
+            self.record_terms({k: mean_over_processes(v) for k, v in terms.items()})
         return (loss, {"embeddings": s_tr}) if return_outputs else loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
