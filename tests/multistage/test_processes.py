@@ -4,8 +4,10 @@ batch), the main process first for what is built once, and a torchrun stage."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -21,7 +23,7 @@ from deltakd.multistage.losses import loss_terms
 from deltakd.multistage.processes import gather_rows, main_process_first, mean_over_processes, world
 from deltakd.multistage.recipe import LossConfig
 
-from ..conftest import ROOT, write_tiny_bert
+from ..conftest import ROOT
 
 GLOBAL_BATCH = 8
 CFG = LossConfig(mse=1.0, mcl=1.0, ce=0.5, bool=0.25, temperature=0.05, bool_bias=-1.0)
@@ -121,3 +123,73 @@ def test_one_process_is_unchanged():
     with main_process_first():
         pass
     assert float(mean_over_processes(torch.tensor(2.5))) == 2.5
+
+
+def _stage_recipe(path: Path, teacher: Path, world_files: dict[str, Path], batch_size: int, runs: Path) -> Path:
+    path.write_text(
+        "family: multistage\nname: mcl2\n"
+        f"teacher: {{model: {teacher}}}\n"
+        f"data: {{train: [{world_files['de']}, {world_files['fr']}], heldout: 4, max_length: 16}}\n"
+        "eval: {speed_sentences: 8}\n"
+        "loss: {mse: 1.0, mcl: 1.0, temperature: 0.05}\n"
+        f"train: {{max_steps: 3, batch_size: {batch_size}, lr: 1.0e-3, logging_steps: 1, warmup_ratio: 0.0}}\n"
+        f"output_dir: {runs}\n", encoding="utf-8")
+    return path
+
+
+def _step_logs(run: Path) -> list[dict]:
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [e for e in events if "loss" in e and "eval_loss" not in e and "train_runtime" not in e]
+
+
+@pytest.mark.slow
+def test_torchrun_stage_with_contrastive_loss_matches_one_process_step_by_step(tmp_path, minilm_path):
+    """A stage with MSE + MCL under torchrun (2 gloo processes, 4 pairs each) logs, step by step, the
+    loss of one process with 8 pairs: the same global batches (the sampler shards one shuffled
+    order), the in-batch negatives gathered, the gradients averaged. Dropout off, so the student is
+    a function of its weights."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from deltakd import pipeline as msrun
+
+    from .test_run import ADJ, NOUN, PLACE, VERB, sentence
+
+    combos = list(itertools.product(ADJ, NOUN, VERB, PLACE))
+    random.Random(0).shuffle(combos)
+    files = {}
+    for lang, idx in (("de", 0), ("fr", 1)):
+        files[lang] = tmp_path / f"train.en-{lang}.tsv"
+        part = combos[:24] if lang == "de" else combos[24:48]
+        files[lang].write_text("".join(f"{sentence(c, None)}\t{sentence(c, idx)}\n" for c in part), encoding="utf-8")
+    teacher = tmp_path / "teacher"
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)).save_pretrained(teacher)
+    tok.save_pretrained(teacher)
+
+    cache = tmp_path / "cache"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DELTAKD_CACHE": str(cache),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    two = _stage_recipe(tmp_path / "two.yaml", teacher, files, 4, tmp_path / "runs2")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "-m", "deltakd.cli", "train", str(two)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = list((tmp_path / "runs2" / "mcl2").iterdir())
+    assert len(runs) == 1, "both processes share one run directory"
+    results = json.loads((runs[0] / "results.json").read_text())
+    assert results["train_steps"] == 3 and results["tested"] is True
+    assert len(list((cache / "multistage-teacher").iterdir())) == 1  # the teacher cache, built once
+    st = SentenceTransformer(str(runs[0] / "model"), device="cpu")
+    assert st.encode(["the red cat sleeps outside"], convert_to_tensor=True).shape == (1, 32)
+
+    one = _stage_recipe(tmp_path / "one.yaml", teacher, files, 8, tmp_path / "runs1")
+    [outcome] = msrun.run_pipeline([one])
+    logs1, logs2 = _step_logs(outcome.run_dir), _step_logs(runs[0])
+    assert [e["step"] for e in logs2] == [e["step"] for e in logs1] == [1, 2, 3]
+    for a, b in zip(logs1, logs2):
+        for key in ("loss", "loss_mse", "loss_mcl"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key, a[key], b[key])
