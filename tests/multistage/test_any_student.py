@@ -136,3 +136,35 @@ def test_student_of_another_width_and_tokenizer_trains_through_mse_bottleneck_an
     ours = hf_encoder(compact, AutoTokenizer.from_pretrained(model_dir), max_length=16)(sentences)
     assert torch.allclose(saved, ours, atol=1e-5)
     assert results[2]["params"]["portable"] == sum(p.numel() for p in st.parameters())
+
+
+def test_a_projected_student_resumes_from_its_checkpoint(world, other_student, tmp_path, monkeypatch):
+    """Trainer checkpoints hold the projection (a sub-module of the student): an interrupted stage
+    resumes from the newest complete one, projection included, and saves a loadable folder."""
+    from safetensors import safe_open
+    from sentence_transformers import SentenceTransformer
+
+    import deltakd.runner.lifecycle as engine
+
+    [s1, *_] = _recipes(tmp_path, world, other_student)
+    sets = ["train.eval_every=8", "train.save_total_limit=3"]
+    real = engine.keep_best_and_last
+
+    def crash(*a, **k):
+        raise RuntimeError("killed after training")
+
+    monkeypatch.setattr(engine, "keep_best_and_last", crash)
+    with pytest.raises(RuntimeError):
+        msrun.run_pipeline([s1], sets)
+    monkeypatch.setattr(engine, "keep_best_and_last", real)
+    [run_dir] = list((tmp_path / "runs" / "s1_mse").iterdir())
+    with safe_open(str(run_dir / "checkpoints" / "checkpoint-8" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("deltakd_projection.weight").shape == (TEACHER_WIDTH, STUDENT_WIDTH)
+    (run_dir / "checkpoints" / "checkpoint-16" / "trainer_state.json").unlink()  # half-written
+    [out] = msrun.run_pipeline([s1], sets)
+    assert out.status == "resumed" and out.run_dir == run_dir
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["resumed_from"] == "checkpoint-8" and res["train_steps"] == 16
+    assert res["structure"]["projection"] == [STUDENT_WIDTH, TEACHER_WIDTH, True]
+    st = SentenceTransformer(str(run_dir / "model"), device="cpu")
+    assert st.encode(["the red cat sleeps outside"], convert_to_tensor=True).shape == (1, TEACHER_WIDTH)
