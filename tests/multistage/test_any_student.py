@@ -168,3 +168,35 @@ def test_a_projected_student_resumes_from_its_checkpoint(world, other_student, t
     assert res["structure"]["projection"] == [STUDENT_WIDTH, TEACHER_WIDTH, True]
     st = SentenceTransformer(str(run_dir / "model"), device="cpu")
     assert st.encode(["the red cat sleeps outside"], convert_to_tensor=True).shape == (1, TEACHER_WIDTH)
+
+
+@pytest.mark.slow
+def test_torchrun_pipeline_of_a_projected_student(world, other_student, tmp_path):
+    """``deltakd pipeline`` under torchrun (2 gloo processes): a student of another width and
+    tokenizer through MSE then a bottleneck stage with MCL; every process goes on to the second
+    stage from the first one's run (written by the main process)."""
+    import os
+    import subprocess
+    import sys
+
+    from sentence_transformers import SentenceTransformer
+
+    from ..conftest import ROOT
+
+    s1, s2, _ = _recipes(tmp_path, world, other_student)
+    s2.write_text(s2.read_text().replace("loss: {mse: 1.0}", "loss: {mse: 1.0, mcl: 0.5}"), encoding="utf-8")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "deltakd.cli",
+                          "pipeline", str(s1), str(s2), "--set", "train.batch_size=4"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    [r1] = list((tmp_path / "runs" / "s1_mse").iterdir())
+    [r2] = list((tmp_path / "runs" / "s2_bottleneck").iterdir())
+    res1, res2 = (json.loads((r / "results.json").read_text()) for r in (r1, r2))
+    assert res2["init_from"] == str(r1) and res1["train_steps"] == res2["train_steps"] == 16
+    assert res2["structure"] == {"bottleneck_dim": 8, "bottleneck_bias": True, "layer_pattern": None,
+                                 "projection": [STUDENT_WIDTH, TEACHER_WIDTH, True]}
+    assert res2["losses"] == {"mse": 1.0, "mcl": 0.5}
+    st = SentenceTransformer(str(r2 / "model"), device="cpu")
+    assert st.encode(["die alte Kuh singt heute"], convert_to_tensor=True).shape == (1, TEACHER_WIDTH)

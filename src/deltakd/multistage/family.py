@@ -56,7 +56,11 @@ class MultistageFamily(Family):
         has_eval = bool(_stage(prep).split.heldout)
         return training_arguments(prep.recipe.train, run, report_to, self.metric_for_best(prep), has_eval,
                                   label_names=["teacher_en"], prediction_loss_only=True,
-                                  train_sampling_strategy="random")
+                                  train_sampling_strategy="random",
+                                  # DDP: every trainable parameter gets a gradient each step (the unused
+                                  # pooler is frozen in prepare_stage), and a student's projection runs
+                                  # after the model's forward, which graph search would mark unused
+                                  ddp_find_unused_parameters=False)
 
     def before_training(self, prep: Prepared) -> None:
         stage, recipe = _stage(prep), prep.recipe
@@ -99,8 +103,9 @@ class MultistageFamily(Family):
                speed: dict[str, float], test: bool) -> RunResults:
         stage, recipe, model = _stage(prep), prep.recipe, trainer.model
         teacher_params, params = count_parameters(stage.teacher), count_parameters(model)
-        results.params = {"total": params, "trainable": count_parameters(model, trainable_only=True),
-                          "trainable_pct": 100.0, "portable": portable_parameters(model),
+        trainable = count_parameters(model, trainable_only=True)  # all but the unused [CLS] pooler
+        results.params = {"total": params, "trainable": trainable, "trainable_pct": 100.0 * trainable / params,
+                          "portable": portable_parameters(model),
                           "teacher": teacher_params, "ratio_to_teacher": params / teacher_params}
         results.main_metric = "avg/sts_spearman" if stage.sts else "avg/acc"
         results.examples = {"train": len(stage.split.train), "heldout": len(stage.split.heldout),

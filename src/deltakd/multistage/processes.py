@@ -12,6 +12,9 @@ from every process.
   that batch, and after DDP averages the parameter gradients over ``W`` processes (each holding
   ``W`` times its rows' share, from the backward's sum) the gradient is the one-process gradient.
 
+- ``from_main`` / ``wait_for_everyone``: ``deltakd pipeline`` under torchrun: every process goes
+  on to the next stage with the results the main process wrote (the others' lifecycle returns none).
+
 Outside torchrun (no process group) all of this is the single-process behaviour.
 """
 
@@ -21,13 +24,15 @@ import contextlib
 import os
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["gather_rows", "is_main_process", "main_process_first", "mean_over_processes", "world"]
+__all__ = ["from_main", "gather_rows", "is_main_process", "main_process_first", "mean_over_processes",
+           "wait_for_everyone", "world"]
 
 
 def world() -> tuple[int, int]:
@@ -57,6 +62,21 @@ def main_process_first() -> Iterator[None]:
     yield
     if size > 1 and first:
         dist.barrier()
+
+
+def wait_for_everyone() -> None:
+    """A barrier (what the main process wrote is there for all after it); nothing on one process."""
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def from_main(value: Any) -> Any:
+    """The main process's ``value`` (any picklable object) on every process; waits for the main one."""
+    if world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather_rows(x: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from torch import nn
 from transformers import AutoTokenizer, set_seed
 
 from ..errors import DeltakdError
@@ -240,6 +241,9 @@ def prepare_stage(recipe: MultistageRecipe, cache: bool = True) -> Stage:
     student.train()
     for p in student.parameters():  # a copy of the frozen teacher arrives without gradients
         p.requires_grad_(True)
+    pooler = getattr(student, "pooler", None)  # BERT's [CLS] pooler: mean pooling never uses it
+    if isinstance(pooler, nn.Module):
+        pooler.requires_grad_(False)
     return Stage(recipe, teacher, tokenizer, student, normalize, split, eval_pairs, sts, targets,
                  init_model, init_run, built)
 
