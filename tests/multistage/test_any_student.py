@@ -15,9 +15,23 @@ from torch import nn
 from deltakd import pipeline as msrun
 from deltakd.multistage.evaluate import hf_encoder, st_encoder
 from deltakd.multistage.saving import export_plain, load_student, save_student
-from deltakd.multistage.structure import add_projection, embedding_dim, multistage_spec, projection_of
+from deltakd.multistage.structure import (
+    add_projection,
+    embedding_dim,
+    multistage_spec,
+    projection_of,
+)
 
-from .test_run import ADJ, NOUN, PLACE, VERB, logged_losses, sentence, teacher_dir, world  # noqa: F401
+from .test_run import (  # noqa: F401
+    ADJ,
+    NOUN,
+    PLACE,
+    VERB,
+    logged_losses,
+    sentence,
+    teacher_dir,
+    world,
+)
 
 STUDENT_WIDTH, TEACHER_WIDTH = 24, 32
 
@@ -51,7 +65,7 @@ def other_student(tmp_path_factory) -> Path:
     return out
 
 
-def _recipes(root: Path, world: dict[str, Path], student: Path) -> list[Path]:
+def _recipes(root: Path, world: dict[str, Path], student: Path) -> list[Path]:  # noqa: F811
     common = (f"family: multistage\nteacher: {{model: {world['teacher']}}}\n"
               f"data: {{train: [{world['de']}, {world['fr']}], heldout: 4, max_length: 16}}\n"
               f"eval: {{before: true, speed_sentences: 8}}\n"
@@ -98,7 +112,7 @@ def test_projection_round_trips_through_both_saved_forms(other_student, tmp_path
 
 
 def test_student_of_another_width_and_tokenizer_trains_through_mse_bottleneck_and_recurrence(
-        world, other_student, tmp_path):
+        world, other_student, tmp_path):  # noqa: F811
     from sentence_transformers import SentenceTransformer
     from transformers import AutoTokenizer
 
@@ -138,7 +152,7 @@ def test_student_of_another_width_and_tokenizer_trains_through_mse_bottleneck_an
     assert results[2]["params"]["portable"] == sum(p.numel() for p in st.parameters())
 
 
-def test_a_projected_student_resumes_from_its_checkpoint(world, other_student, tmp_path, monkeypatch):
+def test_a_projected_student_resumes_from_its_checkpoint(world, other_student, tmp_path, monkeypatch):  # noqa: F811
     """Trainer checkpoints hold the projection (a sub-module of the student): an interrupted stage
     resumes from the newest complete one, projection included, and saves a loadable folder."""
     from safetensors import safe_open
@@ -171,7 +185,7 @@ def test_a_projected_student_resumes_from_its_checkpoint(world, other_student, t
 
 
 @pytest.mark.slow
-def test_torchrun_pipeline_of_a_projected_student(world, other_student, tmp_path):
+def test_torchrun_pipeline_of_a_projected_student(world, other_student, tmp_path):  # noqa: F811
     """``deltakd pipeline`` under torchrun (2 gloo processes): a student of another width and
     tokenizer through MSE then a bottleneck stage with MCL; every process goes on to the second
     stage from the first one's run (written by the main process)."""
@@ -189,7 +203,7 @@ def test_torchrun_pipeline_of_a_projected_student(world, other_student, tmp_path
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "deltakd.cli",
                           "pipeline", str(s1), str(s2), "--set", "train.batch_size=4"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     [r1] = list((tmp_path / "runs" / "s1_mse").iterdir())
     [r2] = list((tmp_path / "runs" / "s2_bottleneck").iterdir())

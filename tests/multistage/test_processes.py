@@ -20,7 +20,12 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from deltakd.multistage.losses import loss_terms
-from deltakd.multistage.processes import gather_rows, main_process_first, mean_over_processes, world
+from deltakd.multistage.processes import (
+    gather_rows,
+    main_process_first,
+    mean_over_processes,
+    world,
+)
 from deltakd.multistage.recipe import LossConfig
 
 from ..conftest import ROOT
@@ -176,7 +181,7 @@ def test_torchrun_stage_with_contrastive_loss_matches_one_process_step_by_step(t
     two = _stage_recipe(tmp_path / "two.yaml", teacher, files, 4, tmp_path / "runs2")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "-m", "deltakd.cli", "train", str(two)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = list((tmp_path / "runs2" / "mcl2").iterdir())
     assert len(runs) == 1, "both processes share one run directory"
