@@ -171,8 +171,8 @@ def test_a_multistage_stage_names_its_term_and_stops_the_pipeline(tmp_path, worl
 
     steps = []
 
-    def loss_terms(s_en, s_tr, t_en, cfg):
-        out = original(s_en, s_tr, t_en, cfg)
+    def loss_terms(s_en, s_tr, t_en, cfg, gather=None):
+        out = original(s_en, s_tr, t_en, cfg, gather=gather)
         if s_en.requires_grad:  # a training step (evaluation runs without gradients)
             steps.append(len(steps) + 1)
             if steps[-1] >= 4:

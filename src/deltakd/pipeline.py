@@ -5,6 +5,7 @@ aside) and was initialised from the run ``init_from`` resolves to now (so re-tra
 stage re-trains what follows); a finished but untested run is tested; an unfinished run of the
 same recipe is resumed from its last complete checkpoint. A stage whose training diverged (its
 run, new or found) stops the pipeline with :class:`DivergedError`: no later stage starts from it.
+Under torchrun every process takes the same decisions and goes on with the main process's results.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import Iterable
 
 from .errors import DeltakdError, DivergedError
 from .multistage.family import MultistageFamily, evaluate_run
+from .multistage.processes import from_main, wait_for_everyone
 from .multistage.recipe import MultistageRecipe
 from .multistage.stage import resolve_init
 from .runner import lifecycle
-from .runs import RunResults, read_recipe_data
+from .runs import RunDir, RunResults, read_recipe_data
 from .runs.rundir import runs_of
 
 __all__ = ["StageOutcome", "run_pipeline", "train_stage_recipe"]
@@ -41,9 +43,17 @@ def _init_key(recipe: MultistageRecipe) -> str | None:
     return str(run.path if run is not None else model)
 
 
+def _run(recipe: MultistageRecipe, **kwargs) -> RunResults:
+    """``lifecycle.run``'s results on every process: under torchrun the others wait for the main
+    process's results.json and read it (the lifecycle returns results on the main process only)."""
+    results = lifecycle.run(recipe, FAMILY, **kwargs)
+    path = from_main(results.run_dir if results is not None else None)
+    return results if results is not None else RunDir(Path(path)).read_results()
+
+
 def train_stage_recipe(recipe: MultistageRecipe, resume: bool = False, test: bool = True) -> StageOutcome:
     """One stage: a new run (or, with ``resume``, the newest unfinished run of the same recipe)."""
-    results = _not_diverged(lifecycle.run(recipe, FAMILY, resume=resume, test=test))
+    results = _not_diverged(_run(recipe, resume=resume, test=test))
     return StageOutcome(recipe.name, "resumed" if resume else "trained", Path(results.run_dir), results)
 
 
@@ -82,6 +92,7 @@ def _pipeline_stage(recipe: MultistageRecipe, test: bool, force: bool) -> StageO
     upstream = _init_key(recipe)
     same = [r for r in runs_of(recipe.output_dir, recipe.name)
             if not FAMILY.differences(read_recipe_data(r), recipe)]
+    wait_for_everyone()  # under torchrun: every process decides on the same runs, before any is written
     if not force:
         for run in reversed(same):
             if not run.finished:
@@ -92,10 +103,11 @@ def _pipeline_stage(recipe: MultistageRecipe, test: bool, force: bool) -> StageO
             _not_diverged(results)  # a rerun names it again (--force trains it anew)
             if test and not results.get("tested"):
                 evaluate_run(run, FAMILY)
+                wait_for_everyone()  # the main process has written the tested results
                 return StageOutcome(recipe.name, "tested", run.path, run.read_results())
             return StageOutcome(recipe.name, "skipped", run.path, results)
         unfinished = [r for r in same if not r.finished]
         if unfinished:
-            results = _not_diverged(lifecycle.run(recipe, FAMILY, resume=True, test=test, run_dir=unfinished[-1]))
+            results = _not_diverged(_run(recipe, resume=True, test=test, run_dir=unfinished[-1]))
             return StageOutcome(recipe.name, "resumed", unfinished[-1].path, results)
     return train_stage_recipe(recipe, test=test)

@@ -14,5 +14,7 @@ Reimers & Gurevych 2020 (multilingual knowledge distillation, MSE baseline) and 
 - ``recipe``: the family's recipe model (``family: multistage``), stage structure and losses;
 - ``teacher``: sentence-transformers teacher, English embeddings cached on disk;
 - ``trainer``: the HF Trainer subclass (loss terms, held-out evaluation);
+- ``processes``: torchrun: main-process writes, teacher cache built first by the main process,
+  in-batch negatives gathered from every process;
 - ``run``: one stage, the ``init_from`` chain and ``deltakd pipeline`` (skip / resume / re-test).
 """

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..losses.hidden import mean_pool
 from .data import ParallelPair, StsSet, by_language
+from .structure import embedding_dim, projection_of
 
 __all__ = [
     "Encoder",
@@ -33,6 +34,7 @@ __all__ = [
     "evaluate_multilingual",
     "hf_encoder",
     "mse_to_teacher",
+    "sentence_embedding",
     "st_encoder",
     "sts_spearman",
     "translation_accuracy",
@@ -82,6 +84,19 @@ def sts_spearman(emb1: Tensor | np.ndarray, emb2: Tensor | np.ndarray, gold: Seq
 # --------------------------------------------------------------------------------------------
 
 
+def sentence_embedding(model: Any, encoded: dict[str, Tensor], normalize: bool) -> Tensor:
+    """A student's sentence embeddings, as its saved sentence-transformers pipeline computes them:
+    mean pooling of ``last_hidden_state`` over real tokens (Pooling 'mean'), the learned projection
+    to the teacher's width when the student has one (Dense, identity activation), L2 when
+    ``normalize`` (Normalize). ``encoded``: the tokenizer's batch, (B, L) each; returns (B, H)."""
+    hidden = model(**encoded).last_hidden_state  # (B, L, H_s)
+    emb = mean_pool(hidden, encoded["attention_mask"])  # (B, H_s)
+    proj = projection_of(model)
+    if proj is not None:
+        emb = proj(emb)  # (B, H)
+    return F.normalize(emb, p=2, dim=-1) if normalize else emb
+
+
 def hf_encoder(
     model: Any,
     tokenizer: Any,
@@ -89,8 +104,8 @@ def hf_encoder(
     max_length: int = 128,
     normalize: bool = False,
 ) -> Encoder:
-    """Encoder from a HF model: mean pooling of ``last_hidden_state`` over real tokens (as
-    sentence-transformers' Pooling 'mean'), optional L2 normalisation; eval mode, no grad."""
+    """Encoder from a HF model: ``sentence_embedding`` (mean pooling, the student's projection if
+    any, optional L2 normalisation) in batches; eval mode, no grad."""
     def encode(sentences: Sequence[str]) -> Tensor:
         was_training = model.training
         model.eval()
@@ -101,15 +116,11 @@ def hf_encoder(
                 for i in range(0, len(sentences), batch_size):
                     batch = tokenizer(list(sentences[i:i + batch_size]), padding=True, truncation=True,
                                       max_length=max_length, return_tensors="pt").to(device)
-                    hidden = model(**batch).last_hidden_state  # (B, L, H)
-                    emb = mean_pool(hidden, batch["attention_mask"])  # (B, H)
-                    if normalize:
-                        emb = F.normalize(emb, p=2, dim=-1)
-                    out.append(emb.float().cpu())
+                    out.append(sentence_embedding(model, dict(batch), normalize).float().cpu())  # (B, H)
         finally:
             model.train(was_training)
         if not out:
-            return torch.zeros(0, model.config.hidden_size)
+            return torch.zeros(0, embedding_dim(model))
         return torch.cat(out)  # (N, H)
 
     return encode

@@ -21,7 +21,8 @@ from ..runs import RunDir, RunResults
 from ..utils import atomic_write_json, replace_dir
 from .evaluate import evaluate_multilingual, hf_encoder
 from .recipe import MultistageRecipe, load_multistage_recipe, validate
-from .saving import export_plain, save_student, sentence_transformers
+from .processes import is_main_process
+from .saving import portable_parameters, save_student, sentence_transformers
 from .stage import Stage, eval_saved, measure, prepare_stage, read_pairs, read_sts_sets, teacher_metrics
 from .structure import count_parameters, multistage_spec
 from .teacher import load_teacher, teacher_embeddings
@@ -55,7 +56,11 @@ class MultistageFamily(Family):
         has_eval = bool(_stage(prep).split.heldout)
         return training_arguments(prep.recipe.train, run, report_to, self.metric_for_best(prep), has_eval,
                                   label_names=["teacher_en"], prediction_loss_only=True,
-                                  train_sampling_strategy="random")
+                                  train_sampling_strategy="random",
+                                  # DDP: every trainable parameter gets a gradient each step (the unused
+                                  # pooler is frozen in prepare_stage), and a student's projection runs
+                                  # after the model's forward, which graph search would mark unused
+                                  ddp_find_unused_parameters=False)
 
     def before_training(self, prep: Prepared) -> None:
         stage, recipe = _stage(prep), prep.recipe
@@ -84,6 +89,8 @@ class MultistageFamily(Family):
         return {}, {}  # measured on the saved folder in finish()
 
     def save_model(self, prep: Prepared, trainer: Trainer, run: RunDir) -> None:
+        if not is_main_process():  # the lifecycle calls it on the main process only; never two writers
+            return
         stage, model = _stage(prep), trainer.model
         model.eval()
         tmp = run.path / ".model-tmp"
@@ -96,8 +103,9 @@ class MultistageFamily(Family):
                speed: dict[str, float], test: bool) -> RunResults:
         stage, recipe, model = _stage(prep), prep.recipe, trainer.model
         teacher_params, params = count_parameters(stage.teacher), count_parameters(model)
-        results.params = {"total": params, "trainable": count_parameters(model, trainable_only=True),
-                          "trainable_pct": 100.0, "portable": count_parameters(export_plain(model)),
+        trainable = count_parameters(model, trainable_only=True)  # all but the unused [CLS] pooler
+        results.params = {"total": params, "trainable": trainable, "trainable_pct": 100.0 * trainable / params,
+                          "portable": portable_parameters(model),
                           "teacher": teacher_params, "ratio_to_teacher": params / teacher_params}
         results.main_metric = "avg/sts_spearman" if stage.sts else "avg/acc"
         results.examples = {"train": len(stage.split.train), "heldout": len(stage.split.heldout),
@@ -150,6 +158,8 @@ def evaluate_run(run: RunDir, family: MultistageFamily | None = None) -> RunResu
     tested = RunResults(recipe.name, str(run.path))
     add_test(tested, run.model_dir, stage)
     measured = {"metrics": tested.metrics, **tested.extra}
+    if not is_main_process():  # under torchrun: measured everywhere, written once
+        return tested
     atomic_write_json(run.path / "eval.json", measured)
     if run.finished:
         saved = run.read_results()

@@ -5,6 +5,9 @@ to pair *i* (English sentence *i* and its translation), so the in-batch objectiv
 rows as negatives. Nothing here detaches the teacher side: compute teacher embeddings under
 ``torch.no_grad()`` (they are fixed targets, typically precomputed once per English sentence).
 
+``loss_terms``: the recipe's active terms (``LossConfig``), the in-batch ones over every
+process's rows under torchrun (``gather``).
+
 Objectives (the ``multistage`` family's ``mse`` / ``ce`` / ``bool`` variants and MCL):
 
 - ``reimers_mse``: Reimers & Gurevych 2020, student(en) and student(translation) regressed onto
@@ -24,15 +27,22 @@ Objectives (the ``multistage`` family's ``mse`` / ``ce`` / ``bool`` variants and
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .recipe import LossConfig
 
 __all__ = [
     "cosine_logits",
     "in_batch_bce",
     "in_batch_ce",
     "info_nce",
+    "loss_terms",
     "mcl_loss",
     "reimers_mse",
 ]
@@ -119,3 +129,29 @@ def in_batch_bce(
     logits = cosine_logits(queries, keys, temperature) + bias  # (B, B)
     target = torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype)  # (B, B)
     return F.binary_cross_entropy_with_logits(logits, target)
+
+
+IN_BATCH = ("mcl", "ce", "bool")  # the terms whose negatives are the other rows of the batch
+
+
+def loss_terms(s_en: Tensor, s_tr: Tensor, t_en: Tensor, cfg: LossConfig,
+               gather: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+    """The active terms, each (): student English / translation (B, H), teacher English (B, H).
+
+    ``gather`` (``processes.gather_rows`` under torchrun) turns this process's rows into the
+    global batch's for the in-batch terms, so their negatives are every process's rows and their
+    value is the one-process value of the global batch; the MSE stays per process (its mean over
+    processes, as DDP averages gradients, is the global batch's MSE)."""
+    w = cfg.weights()
+    out: dict[str, Tensor] = {}
+    if w["mse"] > 0:
+        out["mse"] = reimers_mse(s_en, s_tr, t_en)
+    if any(w[k] > 0 for k in IN_BATCH):
+        q, keys = (gather(s_tr), gather(t_en)) if gather is not None else (s_tr, t_en)  # (B_global, H)
+        if w["mcl"] > 0:
+            out["mcl"] = mcl_loss(q, keys, temperature=cfg.temperature)
+        if w["ce"] > 0:
+            out["ce"] = in_batch_ce(q, keys, temperature=cfg.temperature)
+        if w["bool"] > 0:
+            out["bool"] = in_batch_bce(q, keys, temperature=cfg.temperature, bias=cfg.bool_bias)
+    return out

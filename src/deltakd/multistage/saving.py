@@ -37,7 +37,17 @@ from transformers import AutoConfig, PreTrainedModel
 from ..errors import DeltakdError, optional_import
 from .bottleneck import add_embedding_bottleneck, materialize
 from .recurrence import apply_recurrence, unroll
-from .structure import SPEC_KEY, count_parameters, layer_list, layer_owner, multistage_spec
+from .structure import (
+    PROJECTION,
+    SPEC_KEY,
+    add_projection,
+    count_parameters,
+    layer_list,
+    layer_owner,
+    multistage_spec,
+    projection_of,
+    sync_spec,
+)
 
 __all__ = [
     "MULTISTAGE_CONFIG",
@@ -45,6 +55,7 @@ __all__ = [
     "compact_state_dict",
     "export_plain",
     "load_student",
+    "portable_parameters",
     "save_student",
     "to_sentence_transformer",
     "transformer_parts",
@@ -71,14 +82,23 @@ def compact_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def export_plain(model: PreTrainedModel) -> PreTrainedModel:
-    """A copy of ``model`` as its plain architecture (bottleneck materialised, layers unrolled):
-    loads anywhere with ``from_pretrained`` / ``SentenceTransformer(path)``, same outputs."""
+    """A copy of ``model`` as its plain architecture (bottleneck materialised, layers unrolled,
+    no projection: that becomes the sentence-transformers pipeline's ``Dense``): loads anywhere
+    with ``from_pretrained``, same hidden states."""
     plain = copy.deepcopy(model)
     materialize(plain)
     unroll(plain)
+    if projection_of(plain) is not None:
+        delattr(plain, PROJECTION)
     if hasattr(plain.config, SPEC_KEY):
         delattr(plain.config, SPEC_KEY)
     return plain
+
+
+def portable_parameters(model: PreTrainedModel) -> int:
+    """Parameters of the saved sentence-transformers form: the plain architecture plus the projection."""
+    proj = projection_of(model)
+    return count_parameters(export_plain(model)) + (count_parameters(proj) if proj is not None else 0)
 
 
 def _apply_spec(model: PreTrainedModel, spec: dict[str, Any]) -> None:
@@ -95,6 +115,10 @@ def _apply_spec(model: PreTrainedModel, spec: dict[str, Any]) -> None:
         _, holder, attr, _ = layer_owner(model)
         setattr(holder, attr, nn.ModuleList(list(layers)[:k]))
         apply_recurrence(model, pattern)
+    if spec.get("projection"):
+        _, out_features, bias = spec["projection"]
+        add_projection(model, int(out_features), bias=bool(bias))
+    sync_spec(model)
 
 
 def save_student(
@@ -107,15 +131,17 @@ def save_student(
     """Write both forms of a student into ``path``.
 
     Portable: ``export_plain(model)``, as a sentence-transformers folder (Transformer + mean
-    Pooling [+ Normalize]) when a ``tokenizer`` is given, else ``save_pretrained`` output.
-    Compact (only for a bottleneck / recurrent model): ``multistage.safetensors`` (shared tensors
-    once) and ``multistage_config.json`` for ``load_student``.
+    Pooling [+ Dense: the projection to the teacher's width] [+ Normalize]) when a ``tokenizer`` is
+    given, else ``save_pretrained`` output. Compact (only for a bottleneck / recurrent / projected
+    model): ``multistage.safetensors`` (shared tensors once) and ``multistage_config.json`` for
+    ``load_student``.
     """
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     plain = export_plain(model)
     if tokenizer is not None:
-        st = to_sentence_transformer(plain, tokenizer, normalize=normalize, max_seq_length=max_seq_length)
+        st = to_sentence_transformer(plain, tokenizer, normalize=normalize, max_seq_length=max_seq_length,
+                                     projection=projection_of(model))
         st.save(str(out))
     else:
         plain.save_pretrained(out)
@@ -214,6 +240,15 @@ def _st_modules() -> tuple[Any, Any, Any]:
     return Transformer, Pooling, Normalize
 
 
+def _dense_cls() -> Any:
+    sentence_transformers()
+    try:  # sentence-transformers >= 5.4
+        from sentence_transformers.sentence_transformer.modules import Dense
+    except ImportError:  # older layout
+        from sentence_transformers.models import Dense
+    return Dense
+
+
 def uses_normalize(st_model: Any) -> bool:
     """Whether a SentenceTransformer ends in L2 normalisation (all-MiniLM-L6-v2 does)."""
     _, _, normalize_cls = _st_modules()
@@ -231,15 +266,19 @@ def to_sentence_transformer(
     tokenizer: Any,
     normalize: bool = False,
     max_seq_length: int | None = None,
+    projection: nn.Linear | None = None,
 ) -> Any:
     """A SentenceTransformer running ``model`` itself (same object: training it trains ``model``)
-    with mean pooling, plus L2 ``Normalize`` when ``normalize`` (match the teacher: ``uses_normalize``).
+    with mean pooling, then ``Dense`` (identity activation) running ``projection`` (default: the
+    model's own, ``projection_of``; the same ``nn.Linear`` object) when there is one, plus L2
+    ``Normalize`` when ``normalize`` (match the teacher: ``uses_normalize``).
 
     Do not ``.save()`` the result of a bottleneck / recurrent model: sentence-transformers would
     write the compact weights under a plain config; ``save_student`` writes a loadable folder.
     """
 
     transformer_cls, pooling_cls, normalize_cls = _st_modules()
+    projection = projection if projection is not None else projection_of(model)
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "dim", None)
     device = next(model.parameters()).device
     with tempfile.TemporaryDirectory(prefix="deltakd-st-") as tmp:
@@ -255,6 +294,11 @@ def to_sentence_transformer(
     else:  # sentence-transformers < 5.4 stores it as ``auto_model``
         transformer.auto_model = model
     modules = [transformer, pooling_cls(hidden, pooling_mode="mean")]
+    if projection is not None:
+        dense = _dense_cls()(projection.in_features, projection.out_features, bias=projection.bias is not None,
+                             activation_function=nn.Identity())
+        dense.linear = projection
+        modules.append(dense)
     if normalize:
         modules.append(normalize_cls())
     return sentence_transformers().SentenceTransformer(modules=modules, device=str(device))

@@ -1,8 +1,9 @@
 """Preparing one multistage stage, before any run directory exists, and measuring its models.
 
 A stage: read pairs (held-out pairs cut per language), load the teacher and its cached English
-embeddings, build the student (teacher copy / ``student.model`` / the ``init_from`` run's model,
-then this stage's bottleneck and recurrence). Everything that can fail on bad input (recipe,
+embeddings, build the student (teacher copy / ``student.model`` / the ``init_from`` run's model;
+a student of another width gets a learned projection to the teacher's, a student with its own
+tokenizer keeps it; then this stage's bottleneck and recurrence). Everything that can fail on bad input (recipe,
 files, init run, models, structure) fails here.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from torch import nn
 from transformers import AutoTokenizer, set_seed
 
 from ..errors import DeltakdError
@@ -27,7 +29,14 @@ from .evaluate import encode_speed, evaluate_multilingual, hf_encoder, mse_to_te
 from .recipe import MultistageRecipe
 from .recurrence import recurrence_pattern, recurrent_student, search_keep
 from .saving import load_student, sentence_transformers, transformer_parts, uses_normalize
-from .structure import BottleneckEmbedding, count_parameters, layer_pattern
+from .structure import (
+    BottleneckEmbedding,
+    add_projection,
+    count_parameters,
+    embedding_dim,
+    layer_pattern,
+    projection_of,
+)
 from .teacher import TeacherEmbeddings, load_teacher, teacher_embeddings
 
 __all__ = ["MAX_SEARCH", "Stage", "eval_saved", "measure", "prepare_stage", "read_pairs", "read_sts_sets",
@@ -195,6 +204,20 @@ def _search_score(tokenizer: Any, sentences: list[str], targets: Any, normalize:
     return score
 
 
+def _fit_width(student: Any, teacher: Any) -> list[str]:
+    """A student of another width than the teacher's embeddings gets a learned projection to it
+    (saved as the sentence-transformers pipeline's Dense); what was built, for ``Stage.built``."""
+    t_dim = teacher.get_embedding_dimension() if hasattr(teacher, "get_embedding_dimension") \
+        else teacher.get_sentence_embedding_dimension()
+    s_dim = embedding_dim(student)
+    if s_dim == t_dim:
+        return []
+    if projection_of(student) is not None:
+        raise DeltakdError(f"student: its projection embeds to {s_dim} dims, the teacher to {t_dim}")
+    add_projection(student, t_dim)
+    return [f"projection {s_dim} -> {t_dim} (the teacher's width)"]
+
+
 def prepare_stage(recipe: MultistageRecipe, cache: bool = True) -> Stage:
     """Data, teacher (+ cached English targets), student; raises DeltakdError on bad input."""
     set_seed(recipe.train.seed)
@@ -203,11 +226,7 @@ def prepare_stage(recipe: MultistageRecipe, cache: bool = True) -> Stage:
     init_model, init_run = resolve_init(recipe.init_from, recipe.output_dir) if recipe.init_from else (None, None)
     teacher = load_teacher(recipe.teacher.model, recipe.teacher.max_seq_length)
     student, tokenizer = _start_model(recipe, teacher, init_model)
-    t_dim = teacher.get_embedding_dimension() if hasattr(teacher, "get_embedding_dimension") \
-        else teacher.get_sentence_embedding_dimension()
-    if student.config.hidden_size != t_dim:
-        raise DeltakdError(f"student: embeds to {student.config.hidden_size} dims, the teacher to {t_dim}; "
-                           "MSE needs equal widths")
+    projected = _fit_width(student, teacher)
     norm = recipe.student.normalize
     normalize = uses_normalize(teacher) if norm == "auto" else norm == "yes"
     english = [p.english for p in (*split.train, *split.heldout, *eval_pairs)]
@@ -218,9 +237,13 @@ def prepare_stage(recipe: MultistageRecipe, cache: bool = True) -> Stage:
         sample = list(dict.fromkeys(p.english for p in split.train))[:r.search_sentences]
         score = _search_score(tokenizer, sample, targets, normalize, recipe.eval.batch_size)
     student, built = _apply_structure(student, recipe, score)
+    built = [*projected, *built]
     student.train()
     for p in student.parameters():  # a copy of the frozen teacher arrives without gradients
         p.requires_grad_(True)
+    pooler = getattr(student, "pooler", None)  # BERT's [CLS] pooler: mean pooling never uses it
+    if isinstance(pooler, nn.Module):
+        pooler.requires_grad_(False)
     return Stage(recipe, teacher, tokenizer, student, normalize, split, eval_pairs, sts, targets,
                  init_model, init_run, built)
 

@@ -19,19 +19,28 @@ from ..errors import DeltakdError
 
 __all__ = [
     "BottleneckEmbedding",
+    "PROJECTION",
     "SPEC_KEY",
+    "add_projection",
     "count_parameters",
+    "embedding_dim",
     "input_embeddings",
     "layer_list",
     "layer_owner",
     "layer_pattern",
     "multistage_spec",
+    "projection_of",
     "sync_spec",
 ]
 
 # key in ``model.config`` describing the structure, so a plain ``save_pretrained`` (Trainer
 # checkpoint) still says how to rebuild the model
 SPEC_KEY = "deltakd_multistage"
+
+# attribute of the student holding the learned projection of its mean-pooled embedding to the
+# teacher's width (a student of another width); a sub-module, so the Trainer trains, checkpoints
+# and resumes it with the rest of the model
+PROJECTION = "deltakd_projection"
 
 # attribute paths of the transformer-layer list, by model family
 _LAYER_PATHS = (("encoder", "layer"), ("transformer", "layer"))
@@ -104,22 +113,64 @@ def layer_pattern(model: nn.Module) -> list[int] | None:
     return pattern if len(seen) < len(pattern) else None
 
 
+def projection_of(model: nn.Module) -> nn.Linear | None:
+    """The student's projection of its pooled embedding to the teacher's width, if it has one
+    (looked up through a DDP / accelerate wrapper's ``module``)."""
+    model = getattr(model, "module", model)
+    proj = getattr(model, PROJECTION, None)
+    return proj if isinstance(proj, nn.Linear) else None
+
+
+def add_projection(model: PreTrainedModel, out_features: int, bias: bool = True) -> nn.Linear:
+    """Give a student of hidden size ``H_s`` a learned ``Linear(H_s, out_features)`` after mean
+    pooling (sentence-transformers' ``Dense`` with identity activation), in place; returns it.
+    Random init (``nn.Linear``'s, under the caller's seed)."""
+    if projection_of(model) is not None:
+        raise DeltakdError(f"{type(model).__name__}: already has a projection to "
+                           f"{projection_of(model).out_features} dims")
+    hidden = _hidden_size(model)
+    ref = next(model.parameters())
+    proj = nn.Linear(hidden, out_features, bias=bias).to(device=ref.device, dtype=ref.dtype)
+    setattr(model, PROJECTION, proj)
+    sync_spec(model)
+    return proj
+
+
+def _hidden_size(model: nn.Module) -> int:
+    cfg = getattr(getattr(model, "module", model), "config", None)
+    size = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim", None)
+    if not isinstance(size, int):
+        raise DeltakdError(f"{type(model).__name__}: its config names no hidden size")
+    return size
+
+
+def embedding_dim(model: nn.Module) -> int:
+    """Width of the student's sentence embedding: its projection's output, else its hidden size."""
+    proj = projection_of(model)
+    return proj.out_features if proj is not None else _hidden_size(model)
+
+
 def multistage_spec(model: PreTrainedModel) -> dict[str, Any] | None:
     """The structure a plain architecture lacks: ``{"bottleneck_dim", "bottleneck_bias",
-    "layer_pattern"}``, or None for a plain model. Read from the modules, not the config."""
+    "layer_pattern"}`` (+ ``"projection": [in, out, bias]`` for a student with a projection), or
+    None for a plain model. Read from the modules, not the config."""
     emb = input_embeddings(model)
     bottleneck = isinstance(emb, BottleneckEmbedding)
     try:
         pattern = layer_pattern(model)
     except DeltakdError:
         pattern = None
-    if not bottleneck and pattern is None:
+    proj = projection_of(model)
+    if not bottleneck and pattern is None and proj is None:
         return None
-    return {
+    spec: dict[str, Any] = {
         "bottleneck_dim": emb.bottleneck_dim if bottleneck else None,
         "bottleneck_bias": (emb.proj.bias is not None) if bottleneck else None,
         "layer_pattern": pattern,
     }
+    if proj is not None:
+        spec["projection"] = [proj.in_features, proj.out_features, proj.bias is not None]
+    return spec
 
 
 def sync_spec(model: PreTrainedModel) -> None:

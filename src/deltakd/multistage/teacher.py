@@ -5,7 +5,8 @@ every English training sentence is computed once and stored (float32 safetensors
 ``<cache>/multistage-teacher/<key>``; ``key`` hashes the teacher (weights, config, every module's
 settings: pooling, normalisation, max length) and the sentences in order. A changed teacher, data
 file or limit builds a new entry; entries are published by an atomic rename (``utils.cached_dir``),
-so a killed build leaves nothing half-written.
+so a killed build leaves nothing half-written. Under torchrun the main process builds the entry
+while the others wait, then all read it (``processes.main_process_first``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..distill.cache import teacher_fingerprint
 from ..errors import DeltakdError
 from ..models.hub import resolve_model_path
 from ..utils import cache_root, cached_dir, text_digest
+from .processes import main_process_first
 from .saving import sentence_transformers
 
 __all__ = ["TeacherEmbeddings", "load_teacher", "st_fingerprint", "teacher_embeddings"]
@@ -100,7 +102,8 @@ def teacher_embeddings(st_model: Any, sentences: Sequence[str], batch_size: int 
         (tmp / "sentences.json").write_text(json.dumps(unique, ensure_ascii=False))
         save_file({"embeddings": emb}, str(tmp / _FILE))
 
-    path = cached_dir((root or cache_root()) / "multistage-teacher", key, build, ready=_FILE)
+    with main_process_first():  # under torchrun: the main process builds, the others read its entry
+        path = cached_dir((root or cache_root()) / "multistage-teacher", key, build, ready=_FILE)
     emb = load_file(str(path / _FILE))["embeddings"]
     if emb.shape[0] != len(unique):
         raise RuntimeError(f"teacher cache {path}: {emb.shape[0]} rows for {len(unique)} sentences")

@@ -3,8 +3,10 @@
 A batch is two tokenised sides of the same pairs plus the cached teacher embedding of each
 English sentence (``PairBatchCollator``); the student (a plain HF encoder, possibly with a
 bottleneck embedding or shared layers, built beforehand in ``bottleneck.py`` / ``recurrence.py``)
-embeds both sides with mean pooling (+ L2 when the teacher normalises), and the loss is the
-recipe's weighted sum of the pure functions in ``losses.py``. Every term is logged as
+embeds both sides with mean pooling (-> its learned projection to the teacher's width, for a
+student of another width) (+ L2 when the teacher normalises), and the loss is the recipe's
+weighted sum of the pure functions in ``losses.py``; under torchrun the in-batch terms see every
+process's rows (``processes.gather_rows``). Every term is logged as
 ``loss_<term>``. Evaluation adds held-out translation accuracy and MSE x100 to the Trainer's
 ``eval_loss``.
 """
@@ -14,17 +16,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..distill.trainer import TermLoggingTrainer
-from ..losses.hidden import mean_pool
-from . import losses as L
 from .data import ParallelCollator, ParallelPair
+from .evaluate import sentence_embedding
+from .losses import loss_terms
+from .processes import gather_rows, mean_over_processes
 from .recipe import LossConfig
 from .teacher import TeacherEmbeddings
 
-__all__ = ["MultistageTrainer", "PairBatchCollator", "embed"]
+__all__ = ["MultistageTrainer", "PairBatchCollator", "embed", "loss_terms"]
 
 
 class PairBatchCollator(ParallelCollator):
@@ -42,25 +44,9 @@ class PairBatchCollator(ParallelCollator):
 
 
 def embed(model: nn.Module, encoded: dict[str, Tensor], normalize: bool) -> Tensor:
-    """Mean-pooled last hidden state (+ L2), as sentence-transformers' Pooling('mean') [+ Normalize]."""
-    hidden = model(**encoded).last_hidden_state  # (B, L, H)
-    emb = mean_pool(hidden, encoded["attention_mask"])  # (B, H)
-    return F.normalize(emb, p=2, dim=-1) if normalize else emb
-
-
-def loss_terms(s_en: Tensor, s_tr: Tensor, t_en: Tensor, cfg: LossConfig) -> dict[str, Tensor]:
-    """The active terms, each (): student English / translation (B, H), teacher English (B, H)."""
-    w = cfg.weights()
-    out: dict[str, Tensor] = {}
-    if w["mse"] > 0:
-        out["mse"] = L.reimers_mse(s_en, s_tr, t_en)
-    if w["mcl"] > 0:
-        out["mcl"] = L.mcl_loss(s_tr, t_en, temperature=cfg.temperature)
-    if w["ce"] > 0:
-        out["ce"] = L.in_batch_ce(s_tr, t_en, temperature=cfg.temperature)
-    if w["bool"] > 0:
-        out["bool"] = L.in_batch_bce(s_tr, t_en, temperature=cfg.temperature, bias=cfg.bool_bias)
-    return out
+    """Mean-pooled last hidden state (-> the student's projection) (+ L2), as the saved
+    sentence-transformers pipeline: Pooling('mean') [+ Dense] [+ Normalize]. (B, H)."""
+    return sentence_embedding(model, encoded, normalize)
 
 
 class MultistageTrainer(TermLoggingTrainer):
@@ -81,11 +67,11 @@ class MultistageTrainer(TermLoggingTrainer):
         s_en = embed(model, inputs["english"], self.normalize)  # (B, H)
         s_tr = embed(model, inputs["translation"], self.normalize)  # (B, H)
         t_en = inputs["teacher_en"].to(s_en.dtype)  # (B, H)
-        terms = loss_terms(s_en, s_tr, t_en, self.loss_cfg)
+        terms = loss_terms(s_en, s_tr, t_en, self.loss_cfg, gather=gather_rows)
         weights = self.loss_cfg.weights()
         loss = sum(weights[k] * v for k, v in terms.items())
-        if model.training:
-            self.record_terms(terms)
+        if model.training:  # each term over the global batch (the MSE averaged over processes)
+            self.record_terms({k: mean_over_processes(v) for k, v in terms.items()})
         return (loss, {"embeddings": s_tr}) if return_outputs else loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
