@@ -98,12 +98,16 @@ class TokenTeacherCache:
         """Whether every loss of ``names`` that reads the teacher can read it from this cache."""
         return not table.token_live_only(names)
 
-    def lookup_tokens(self, idx: Tensor, attention_mask: Tensor | None, device: torch.device | str | None = None
-                      ) -> TokenTeacherOutput:
+    def lookup_tokens(self, idx: Tensor, attention_mask: Tensor | None, device: torch.device | str | None = None,
+                      states: bool = True) -> TokenTeacherOutput:
         """The teacher's output for examples ``idx`` (B,) as the student's collator padded them:
         hidden states (B, L, H) with each example's tokens where ``attention_mask`` (B, L) is set (left
-        or right padding alike) and zeros at padded positions (which the losses mask out), fp32."""
+        or right padding alike) and zeros at padded positions (which the losses mask out), fp32.
+        ``states`` False: the logits alone (no loss of this step reads hidden states)."""
         rows = idx.detach().cpu().long().numpy()
+        logits = self.logits.index_select(0, torch.from_numpy(rows)).float().to(device)  # (B, C)
+        if not states:
+            return TokenTeacherOutput(logits, (None,) * (self.n_teacher_layers + 1))
         starts, ends = self.offsets[rows], self.offsets[rows + 1]
         if attention_mask is None:
             raise ValueError("token teacher cache: the batch has no attention_mask to place the tokens by")
@@ -113,12 +117,11 @@ class TokenTeacherCache:
             raise RuntimeError(f"token teacher cache {self.path}: the batch's token counts {counts.tolist()} are "
                                f"not the cached examples' {(ends - starts).tolist()} (tokenisation changed?)")
         flat = np.concatenate([self.hidden[s:e] for s, e in zip(starts, ends)])  # (T_b, K, H) fp16
-        states = torch.zeros(*mask.shape, *flat.shape[1:], device=device)  # (B, L, K, H) fp32
-        states[mask] = torch.from_numpy(flat).to(device).float()  # row-major: example by example, in order
+        tokens = torch.zeros(*mask.shape, *flat.shape[1:], device=device)  # (B, L, K, H) fp32
+        tokens[mask] = torch.from_numpy(flat).to(device).float()  # row-major: example by example, in order
         hidden: list[Tensor | None] = [None] * (self.n_teacher_layers + 1)
         for k, j in enumerate(self.layers):
-            hidden[j + 1] = states[:, :, k]  # (B, L, H)
-        logits = self.logits.index_select(0, torch.from_numpy(rows)).float().to(device)  # (B, C)
+            hidden[j + 1] = tokens[:, :, k]  # (B, L, H)
         return TokenTeacherOutput(logits, tuple(hidden))
 
 
