@@ -53,10 +53,10 @@ train: {{max_steps: {steps}, lr: 5.0e-3, batch_size: 16, seed: 5, logging_steps:
 """)
 
 
-def _losses(run_dir: str) -> list[tuple[int, float, float]]:
-    """(step, loss, loss_hidden_mse) of every logged training step."""
-    return [(e["step"], e["loss"], e["loss_hidden_mse"]) for e in RunDir(Path(run_dir)).read_events()
-            if "loss_hidden_mse" in e]
+def _losses(run_dir: str) -> list[tuple[int, float, float, float]]:
+    """(step, loss, loss_hidden_mse, loss_attention_kl) of every logged training step."""
+    return [(e["step"], e["loss"], e["loss_hidden_mse"], e["loss_attention_kl"])
+            for e in RunDir(Path(run_dir)).read_events() if "loss_hidden_mse" in e]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,8 @@ def test_cached_token_states_are_the_live_teachers_under_either_padding_side(tea
     assert cache is not None and cache.layers == (0, 1)
     lengths = [len(x) for x in ds["input_ids"]]
     assert len(set(lengths)) > 1  # examples of different lengths: stored without padding
-    expected = token_cache.cache_bytes(sum(lengths), len(ds), 2, 32, 2)  # sized before building
+    expected = token_cache.cache_bytes(np.array(lengths), 2, 32, 2, 2)  # sized before building
+    assert expected == sum(lengths) * 2 * 32 * 2 + len(ds) * 2 * 2 + (len(ds) + 1) * 8
     assert cache.nbytes == expected and cache.hidden.shape == (sum(lengths), 2, 32)
     assert (cache.path / "hidden.npy").stat().st_size == pytest.approx(sum(lengths) * 2 * 32 * 2, abs=256)  # + header
     meta = json.loads((cache.path / "meta.json").read_text())
@@ -141,6 +142,43 @@ def test_cached_token_states_are_the_live_teachers_under_either_padding_side(tea
         cache.lookup_tokens(idx, torch.ones_like(batch["attention_mask"]))
 
 
+def test_cached_attention_maps_are_the_live_teachers(teacher_and_data, tmp_path):
+    from transformers import DataCollatorWithPadding
+
+    from deltakd.distill import token_cache
+    from deltakd.distill.layer_map import LayerMap
+    from deltakd.losses import terms
+    from deltakd.losses.terms import LossInputs
+
+    teacher, tok, ds = teacher_and_data
+    teacher.set_attn_implementation("eager")  # what prepare_distill sets for an attention loss
+    cache = token_cache.load_or_build(teacher, ds, DataCollatorWithPadding(tok), 64, LayerMap.build("fixed", 1, 2, [1]),
+                                      2, 20.0, root=tmp_path, hidden=False, attentions=True)
+    lengths = np.array([len(x) for x in ds["input_ids"]])
+    assert cache.hidden is None and cache.attentions.shape == ((lengths**2).sum(), 1, 2)  # (pairs, layers, heads)
+    assert cache.nbytes == token_cache.cache_bytes(lengths, 1, 32, 2, 2, hidden=False, attentions=True)
+    idx = torch.tensor([3, 77, 150, 0])
+    rows = [{k: ds[int(i)][k] for k in ("input_ids", "token_type_ids", "attention_mask")} for i in idx]
+    batch = DataCollatorWithPadding(tok)(rows)
+    mask = batch["attention_mask"].bool()
+    assert not mask.all()
+    with torch.no_grad():
+        live = teacher(**batch, output_attentions=True)
+    cached = cache.lookup_tokens(idx, batch["attention_mask"], hidden=False, attentions=True)
+    assert cached.attentions[0] is None and cached.hidden_states[2] is None  # layer 0 not mapped; no states stored
+    c, t = cached.attentions[1], live.attentions[1]  # (B, A, L, L)
+    assert c.shape == t.shape
+    pairs = (mask[:, :, None] & mask[:, None, :])[:, None].expand_as(c)  # (B, A, L, L) real (query, key) pairs
+    assert torch.allclose(c[pairs], t[pairs], atol=1e-3)  # fp16 probabilities
+    assert c[~pairs].abs().max() == 0 and t[~pairs & mask[:, None, :, None].expand_as(t)].abs().max() < 1e-6
+    g = torch.Generator().manual_seed(0)
+    student = type("Out", (), {"attentions": tuple(torch.randn(t.shape, generator=g).softmax(-1) for _ in range(1))})()
+    args = dict(kind="classification", student=student, labels=torch.zeros(4, dtype=torch.long),
+                mask=batch["attention_mask"], pairs=[(0, [1])])
+    assert terms.attention_kl(LossInputs(teacher=cached, **args)).item() == pytest.approx(
+        terms.attention_kl(LossInputs(teacher=live, **args)).item(), rel=1e-3)
+
+
 def test_random_maps_cache_every_teacher_layer():
     from deltakd.distill.layer_map import LayerMap
     from deltakd.distill.token_cache import cache_layers
@@ -150,15 +188,16 @@ def test_random_maps_cache_every_teacher_layer():
     assert cache_layers(LayerMap.build("average", 2, 6, [[0, 1, 2], [2, 5]])) == (0, 1, 2, 5)
 
 
-def test_hidden_mse_from_the_token_cache_never_runs_the_teacher_and_learns_as_live(tmp_path, teacher_run, toy):
-    distill = "{losses: {ce: 0.4, kd: 0.3, hidden_mse: 0.3}, layer_map: {mode: average, pairs: [[0, 1]]}"
+def test_token_losses_from_the_token_cache_never_run_the_teacher_and_learn_as_live(tmp_path, teacher_run, toy):
+    distill = ("{losses: {ce: 0.4, kd: 0.2, hidden_mse: 0.2, attention_kl: 0.2}, "
+               "layer_map: {mode: average, pairs: [[0, 1]]}")
     cached = api.train(_student(tmp_path, teacher_run, toy, "cached", distill + "}"))
     live = api.train(_student(tmp_path, teacher_run, toy, "live", distill + ", cache_teacher: false}"))
     assert cached["distill"]["teacher_forwards"] == 0 and "teacher-tokens" in cached["distill"]["teacher_cache"]
     assert live["distill"]["teacher_forwards"] == 6 and live["distill"]["teacher_cache"] is None
     a, b = _losses(cached["run_dir"]), _losses(live["run_dir"])
-    assert [s for s, _, _ in a] == [s for s, _, _ in b] == list(range(1, 7))
-    assert all(x[2] > 0 for x in a)
+    assert [x[0] for x in a] == [x[0] for x in b] == list(range(1, 7))
+    assert all(x[2] > 0 and x[3] > 0 for x in a)
     np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-3, rtol=0)  # the same curve up to fp16 rounding
     # with the random map, every teacher layer is cached, and still no teacher forward
     rnd = api.train(_student(tmp_path, teacher_run, toy, "random", """
@@ -177,6 +216,6 @@ def test_a_cache_over_the_disk_budget_falls_back_to_the_live_teacher_with_one_li
   cache_max_gb: 1.0e-6""", steps=4))
     lines = [r.getMessage() for r in caplog.records if "teacher token cache" in r.getMessage()]
     assert len(lines) == 1, lines
-    assert "over distill.cache_max_gb 1e-06 GB" in lines[0] and "x 1 layers x 32 x 2 bytes" in lines[0]
+    assert "over distill.cache_max_gb 1e-06 GB" in lines[0] and "tokens x 1 layers x 32, 2 bytes each" in lines[0]
     assert res["distill"]["teacher_forwards"] == 4 and res["distill"]["teacher_cache"] is None
     assert not (tmp_path / "cache" / "teacher-tokens").exists()  # nothing built

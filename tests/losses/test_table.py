@@ -97,9 +97,9 @@ def test_derived_sets_are_the_hand_written_ones_they_replace():
                                                      "lora_ild")
     assert table.live_only(every) == ("hidden_mse", "hidden_cos", "attention_kl", "lora_ild")
     assert table.cache_served({"ce", "kd", "rail_c", "hidden_cos"}) == ("kd", "rail_c")
-    # the token cache (logits + per-token mapped layers) serves the hidden-state losses too, not attention / LoRA
-    assert table.token_live_only(every) == ("attention_kl", "lora_ild")
-    assert [s.name for s in LOSSES.values() if s.token_cache] == ["hidden_mse", "hidden_cos"]
+    # the token cache (logits, per-token states and attention maps of the mapped layers) serves all but LoRA features
+    assert table.token_live_only(every) == ("lora_ild",)
+    assert [s.name for s in LOSSES.values() if s.token_cache] == ["hidden_mse", "hidden_cos", "attention_kl"]
     assert not table.needs_teacher({"ce"}) and table.needs_teacher({"ce", "kd"})
     assert set(table.unsupported(every, table.LM)) == {"rail_c", "rail_l", "logits_mse"}
     assert set(table.unsupported(every, table.CLASSIFICATION)) == {"reverse_kl", "jsd"}

@@ -151,9 +151,11 @@ def prepare_distill(d: DistillConfig, student: nn.Module, teacher: nn.Module, ki
     cache = None
     if d.cache_teacher and kind == table.CLASSIFICATION and datasets is not None:
         with PartialState().main_process_first():  # one process builds, the others load
-            if table.live_only(names) and not table.token_live_only(names):  # token-level hidden-state losses
-                cache = token_cache.load_or_build(teacher.to(device), datasets["train"], collator, batch_size,
-                                                  layer_map, num_labels, d.cache_max_gb, device)  # None: over budget
+            if table.live_only(names) and not table.token_live_only(names):  # token-level losses
+                cache = token_cache.load_or_build(  # None: over the budget (one warning line)
+                    teacher.to(device), datasets["train"], collator, batch_size, layer_map, num_labels,
+                    d.cache_max_gb, device, hidden=bool(table.needing(table.HIDDEN, names)),
+                    attentions=bool(table.needing(table.ATTENTIONS, names)))
             if cache is None and table.cache_served(names):
                 cache = load_or_build(teacher.to(device), datasets["train"], collator, batch_size, device)
     if cache is not None:

@@ -167,8 +167,8 @@ class DistillTrainer(TermLoggingTrainer):
             self.teacher_forwards += 1
             t_logits = teacher.logits
             t_pooled = None
-        elif need_teacher and isinstance(self.cache, TokenTeacherCache):  # logits, mapped layers (B, L, H)
-            teacher = self.cache.lookup_tokens(idx, inputs.get("attention_mask"), labels.device, states=hidden)
+        elif need_teacher and isinstance(self.cache, TokenTeacherCache):  # logits, mapped layers' states / maps
+            teacher = self.cache.lookup_tokens(idx, inputs.get("attention_mask"), labels.device, hidden, attentions)
             t_logits, t_pooled = teacher.logits, None
         elif need_teacher:
             t_logits, t_pooled = self.cache.lookup(idx, labels.device)  # (B, C), (B, n+1, H)

@@ -33,7 +33,7 @@ LAYER_MAP = "layer_map"  # student layer <- teacher layer pairs
 HIDDEN_PROJ = "hidden_proj"  # an Hs -> Ht projection per mapped student layer when the widths differ
 NEEDS = frozenset({TEACHER_LOGITS, HIDDEN, ATTENTIONS, LORA_A, LAYER_MAP, HIDDEN_PROJ})
 _NOT_CACHED = frozenset({ATTENTIONS, LORA_A})  # the cache holds logits and mean-pooled layers only
-_TOKEN_CACHED = frozenset({TEACHER_LOGITS, HIDDEN, LAYER_MAP, HIDDEN_PROJ})  # logits, per-token mapped layers
+_TOKEN_CACHED = frozenset({TEACHER_LOGITS, HIDDEN, ATTENTIONS, LAYER_MAP, HIDDEN_PROJ})  # logits, mapped layers
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,8 @@ class LossSpec:
     the labels (empty: a student-only loss, no teacher outputs). ``cacheable``: what it reads of
     the teacher is in the classification teacher cache (logits and mean-pooled layers), so the
     teacher need not run. ``token_cache``: what it reads of the teacher is in the classification
-    token cache (logits and the per-token hidden states of the mapped layers, ``distill/token_cache.py``);
+    token cache (logits, per-token hidden states and attention maps of the mapped layers,
+    ``distill/token_cache.py``);
     the ``cacheable`` entries are served by it too (pooled layers are pooled from its tokens).
     ``distribution``: it compares class distributions, so a one-output regression head cannot use it. ``compute``: ``LossInputs`` -> scalar tensor. ``doc``: one line
     for the recipe schema and error messages.
@@ -120,7 +121,7 @@ LOSSES: dict[str, LossSpec] = _table(
     LossSpec("hidden_cos",   BOTH,     _TOKENS,                            False, _term("hidden_cos"),
              "1 - cosine between mapped hidden states per token", token_cache=True),
     LossSpec("attention_kl", BOTH,     frozenset({ATTENTIONS, LAYER_MAP}), False, _term("attention_kl"),
-             "KL(teacher || student) between mapped attention maps (same head count)"),
+             "KL(teacher || student) between mapped attention maps (same head count)", token_cache=True),
     LossSpec("rail_c",       CLS_ONLY, _POOLED,                            True,  _term("rail_c"),
              "RAIL-KD: concatenated L2-normalised mean-pooled layers, projected"),
     LossSpec("rail_l",       CLS_ONLY, _POOLED,                            True,  _term("rail_l"),
