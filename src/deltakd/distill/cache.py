@@ -9,8 +9,8 @@ changed teacher, data file, tokenizer or ``max_length`` builds a new entry. Stor
 concurrent builders of one entry take turns (``utils.cached_dir``): it is computed once.
 
 What cannot come from this cache: token-level teacher states (hidden-state MSE/cosine per token,
-attention maps, LoRA features). The hidden states per token have their own cache
-(``token_cache.py``); losses needing attention maps or LoRA features run the teacher live.
+attention maps, LoRA features). Hidden states and attention maps per token have their own cache
+(``token_cache.py``); a loss needing LoRA features runs the teacher live.
 Augmentation: deltakd feeds the student exactly the tokenised examples the cache saw (no input
 augmentation); a recipe that changes inputs changes the key, and dropout lives only in the
 student, which the teacher's outputs do not depend on.

@@ -183,13 +183,15 @@ def _build(tmp: Path, teacher: nn.Module, dataset: Any, collator: Any, batch_siz
         out = teacher(**batch, output_hidden_states=hidden, output_attentions=attentions)
         mask = batch["attention_mask"].bool()  # (B, L)
         if not np.array_equal(mask.sum(1).cpu().numpy(), lengths[rows]):
-            raise RuntimeError("token teacher cache: the collator's attention mask does not cover each example's tokens")
+            raise RuntimeError("token teacher cache: the collator's attention mask does not cover each "
+                               "example's tokens")
         if hidden:
             valid = torch.stack([out.hidden_states[j + 1] for j in layers], dim=2)[mask]  # (T_b, K, H), in order
             _scatter(states, offsets, rows, valid.to(torch.float16).cpu().numpy())
         if attentions:
             if out.attentions is None or any(a is None for a in out.attentions):
-                raise RuntimeError("token teacher cache: the teacher returned no attention maps (eager attention needed)")
+                raise RuntimeError("token teacher cache: the teacher returned no attention maps "
+                                   "(eager attention needed)")
             att = torch.stack([out.attentions[j] for j in layers], dim=-1).permute(0, 2, 3, 4, 1)  # (B, L, L, K, A)
             _scatter(maps, pair_offsets, rows, att[mask[:, :, None] & mask[:, None, :]].to(torch.float16).cpu().numpy())
         logits[rows] = out.logits.to(torch.float16).cpu().numpy()

@@ -8,8 +8,8 @@ active entries need decides which model outputs are requested; every term is log
 as ``loss_<term>``.
 
 Teacher outputs come from the on-disk cache (``cache.py``: logits and pooled layers; ``token_cache.py``:
-logits and per-token mapped layers) when it serves every active loss, else from a live forward of
-the frozen teacher.
+logits, per-token hidden states and attention maps of the mapped layers) when it serves every
+active loss, else from a live forward of the frozen teacher.
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ class DistillTrainer(TermLoggingTrainer):
     def __init__(self, *args: Any, teacher: nn.Module, schedule: LossSchedule, kind: str, temperature: float = 2.0,
                  jsd_beta: float = 0.5, layer_map: LayerMap | None = None, heads: DistillHeads | None = None,
                  cache: TeacherCache | TokenTeacherCache | None = None,
-                 lora_modules: tuple[str, ...] = ("query", "key", "value"), vocab: int | None = None, **kwargs: Any) -> None:
+                 lora_modules: tuple[str, ...] = ("query", "key", "value"), vocab: int | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.teacher = freeze(teacher).to(self.args.device)
         self.schedule = schedule

@@ -45,9 +45,9 @@ class LossSpec:
     the teacher is in the classification teacher cache (logits and mean-pooled layers), so the
     teacher need not run. ``token_cache``: what it reads of the teacher is in the classification
     token cache (logits, per-token hidden states and attention maps of the mapped layers,
-    ``distill/token_cache.py``);
-    the ``cacheable`` entries are served by it too (pooled layers are pooled from its tokens).
-    ``distribution``: it compares class distributions, so a one-output regression head cannot use it. ``compute``: ``LossInputs`` -> scalar tensor. ``doc``: one line
+    ``distill/token_cache.py``); the ``cacheable`` entries are served by it too (pooled layers are
+    pooled from its tokens). ``distribution``: it compares class distributions, so a one-output
+    regression head cannot use it. ``compute``: ``LossInputs`` -> scalar tensor. ``doc``: one line
     for the recipe schema and error messages.
     """
 
