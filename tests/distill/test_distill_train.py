@@ -123,8 +123,9 @@ def test_rail_kd_projects_to_rail_dim(tmp_path, teacher_run, toy):
 def test_hidden_and_attention_losses_run_the_teacher_live(tmp_path, teacher_run, toy):
     res = api.train(_student(tmp_path, teacher_run, toy, "hidden", """
   losses: {kd: 0.4, hidden_mse: 0.2, hidden_cos: 0.2, attention_kl: 0.2}
-  layer_map: {mode: average, pairs: [[0, 1]]}""", train="max_steps: 4"))
-    assert res["distill"]["teacher_forwards"] == 4  # token-level teacher states are not cached
+  layer_map: {mode: average, pairs: [[0, 1]]}
+  cache_teacher: false""", train="max_steps: 4"))
+    assert res["distill"]["teacher_forwards"] == 4  # no cache: the teacher runs every step (token cache: test_token_cache.py)
     e = _logged_terms(res["run_dir"])[-1]
     assert e["loss_attention_kl"] > 0 and 0 < e["loss_hidden_cos"] < 2
 

@@ -97,6 +97,9 @@ def test_derived_sets_are_the_hand_written_ones_they_replace():
                                                      "lora_ild")
     assert table.live_only(every) == ("hidden_mse", "hidden_cos", "attention_kl", "lora_ild")
     assert table.cache_served({"ce", "kd", "rail_c", "hidden_cos"}) == ("kd", "rail_c")
+    # the token cache (logits, per-token states and attention maps of the mapped layers) serves all but LoRA features
+    assert table.token_live_only(every) == ("lora_ild",)
+    assert [s.name for s in LOSSES.values() if s.token_cache] == ["hidden_mse", "hidden_cos", "attention_kl"]
     assert not table.needs_teacher({"ce"}) and table.needs_teacher({"ce", "kd"})
     assert set(table.unsupported(every, table.LM)) == {"rail_c", "rail_l", "logits_mse"}
     assert set(table.unsupported(every, table.CLASSIFICATION)) == {"reverse_kl", "jsd"}
@@ -118,6 +121,8 @@ def test_derived_sets_are_the_hand_written_ones_they_replace():
     ({"needs": frozenset({"logits"})}, "unknown needs"),
     ({"needs": frozenset({table.ATTENTIONS, table.LAYER_MAP})}, "not in the teacher cache"),
     ({"needs": frozenset({table.HIDDEN}), "distribution": True}, "reads the teacher logits"),
+    ({"needs": frozenset({table.LORA_A, table.LAYER_MAP}), "cacheable": False, "token_cache": True},
+     "not in the token cache"),
     ({"name": "cos-logits"}, "identifier"),
 ])
 def test_an_inconsistent_entry_is_rejected(fields, message):

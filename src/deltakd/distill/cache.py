@@ -8,8 +8,9 @@ changed teacher, data file, tokenizer or ``max_length`` builds a new entry. Stor
 (safetensors); entries are published atomically, so a killed build leaves no half entry, and
 concurrent builders of one entry take turns (``utils.cached_dir``): it is computed once.
 
-What cannot come from the cache: token-level teacher states (hidden-state MSE/cosine per token,
-attention maps, LoRA features). Losses needing them run the teacher live; the trainer decides.
+What cannot come from this cache: token-level teacher states (hidden-state MSE/cosine per token,
+attention maps, LoRA features). Hidden states and attention maps per token have their own cache
+(``token_cache.py``); a loss needing LoRA features runs the teacher live.
 Augmentation: deltakd feeds the student exactly the tokenised examples the cache saw (no input
 augmentation); a recipe that changes inputs changes the key, and dropout lives only in the
 student, which the teacher's outputs do not depend on.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..losses import table
 from ..losses.hidden import mean_pool
 from ..utils import cache_root, cached_dir, text_digest
 
@@ -85,6 +88,11 @@ class TeacherCache:
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])
+
+    @staticmethod
+    def serves(names: Iterable[str]) -> bool:
+        """Whether every loss of ``names`` that reads the teacher can read it from this cache."""
+        return not table.live_only(names)
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from ..losses import table
 from ..models.delta import plain_copy
 from ..models.student import every_other, layer_count
 from ..recipe.schema import DistillConfig
+from . import token_cache
 from .cache import INDEX, TeacherCache, load_or_build
 from .heads import DistillHeads
 from .layer_map import LayerMap
@@ -29,7 +30,7 @@ class DistillSetup:
     schedule: LossSchedule
     layer_map: LayerMap | None
     heads: DistillHeads | None
-    cache: TeacherCache | None
+    cache: TeacherCache | token_cache.TokenTeacherCache | None
     teacher: nn.Module  # what the trainer runs: a LoRA teacher merged unless its adapter is needed
 
 
@@ -148,9 +149,16 @@ def prepare_distill(d: DistillConfig, student: nn.Module, teacher: nn.Module, ki
                          hidden_layers=student_layers if table.needing(table.HIDDEN_PROJ, names) else (),
                          rail_dim=d.rail_dim, seed=seed)
     cache = None
-    if d.cache_teacher and kind == table.CLASSIFICATION and table.cache_served(names) and datasets is not None:
+    if d.cache_teacher and kind == table.CLASSIFICATION and datasets is not None:
         with PartialState().main_process_first():  # one process builds, the others load
-            cache = load_or_build(teacher.to(device), datasets["train"], collator, batch_size, device)
+            if table.live_only(names) and not table.token_live_only(names):  # token-level losses
+                cache = token_cache.load_or_build(  # None: over the budget (one warning line)
+                    teacher.to(device), datasets["train"], collator, batch_size, layer_map, num_labels,
+                    d.cache_max_gb, device, hidden=bool(table.needing(table.HIDDEN, names)),
+                    attentions=bool(table.needing(table.ATTENTIONS, names)))
+            if cache is None and table.cache_served(names):
+                cache = load_or_build(teacher.to(device), datasets["train"], collator, batch_size, device)
+    if cache is not None:
         if int(cache.logits.shape[1]) != num_labels:
             raise DeltakdError(f"teacher cache: {cache.logits.shape[1]} logits per example, the task has {num_labels}")
         train = datasets["train"]

@@ -7,8 +7,9 @@ every loss with a weight > 0 at the current epoch of the ``LossSchedule`` (curri
 active entries need decides which model outputs are requested; every term is logged on its own
 as ``loss_<term>``.
 
-Teacher outputs come from the on-disk cache (``cache.py``: logits and pooled layers) when every
-active loss is ``cacheable``, else from a live forward of the frozen teacher.
+Teacher outputs come from the on-disk cache (``cache.py``: logits and pooled layers; ``token_cache.py``:
+logits, per-token hidden states and attention maps of the mapped layers) when it serves every
+active loss, else from a live forward of the frozen teacher.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .cache import INDEX, TeacherCache
 from .heads import DistillHeads
 from .layer_map import LayerMap
 from .schedule import LossSchedule
+from .token_cache import TokenTeacherCache
 
 HEADS_FILE = "distill_heads.safetensors"
 
@@ -98,8 +100,9 @@ class DistillTrainer(TermLoggingTrainer):
 
     def __init__(self, *args: Any, teacher: nn.Module, schedule: LossSchedule, kind: str, temperature: float = 2.0,
                  jsd_beta: float = 0.5, layer_map: LayerMap | None = None, heads: DistillHeads | None = None,
-                 cache: TeacherCache | None = None, lora_modules: tuple[str, ...] = ("query", "key", "value"),
-                 vocab: int | None = None, **kwargs: Any) -> None:
+                 cache: TeacherCache | TokenTeacherCache | None = None,
+                 lora_modules: tuple[str, ...] = ("query", "key", "value"), vocab: int | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.teacher = freeze(teacher).to(self.args.device)
         self.schedule = schedule
@@ -157,7 +160,7 @@ class DistillTrainer(TermLoggingTrainer):
             student = model(**inputs, output_hidden_states=hidden, output_attentions=attentions)
         teacher, t_cap = None, None
         need_teacher = table.needs_teacher(weights)  # a student-only loss needs no teacher outputs
-        live = need_teacher and (self.cache is None or idx is None or bool(table.live_only(weights)))
+        live = need_teacher and (self.cache is None or idx is None or not self.cache.serves(weights))
         if live:
             with torch.no_grad(), ExitStack() as stack:
                 t_cap = stack.enter_context(capture_lora_a_outputs(self.teacher, self.lora_modules)) if lora else None
@@ -165,6 +168,9 @@ class DistillTrainer(TermLoggingTrainer):
             self.teacher_forwards += 1
             t_logits = teacher.logits
             t_pooled = None
+        elif need_teacher and isinstance(self.cache, TokenTeacherCache):  # logits, mapped layers' states / maps
+            teacher = self.cache.lookup_tokens(idx, inputs.get("attention_mask"), labels.device, hidden, attentions)
+            t_logits, t_pooled = teacher.logits, None
         elif need_teacher:
             t_logits, t_pooled = self.cache.lookup(idx, labels.device)  # (B, C), (B, n+1, H)
         else:

@@ -33,6 +33,7 @@ LAYER_MAP = "layer_map"  # student layer <- teacher layer pairs
 HIDDEN_PROJ = "hidden_proj"  # an Hs -> Ht projection per mapped student layer when the widths differ
 NEEDS = frozenset({TEACHER_LOGITS, HIDDEN, ATTENTIONS, LORA_A, LAYER_MAP, HIDDEN_PROJ})
 _NOT_CACHED = frozenset({ATTENTIONS, LORA_A})  # the cache holds logits and mean-pooled layers only
+_TOKEN_CACHED = frozenset({TEACHER_LOGITS, HIDDEN, ATTENTIONS, LAYER_MAP, HIDDEN_PROJ})  # logits, mapped layers
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,10 @@ class LossSpec:
     ``kinds``: the tasks it applies to. ``needs``: what it reads beyond the student's logits and
     the labels (empty: a student-only loss, no teacher outputs). ``cacheable``: what it reads of
     the teacher is in the classification teacher cache (logits and mean-pooled layers), so the
-    teacher need not run. ``distribution``: it compares class distributions, so a one-output
+    teacher need not run. ``token_cache``: what it reads of the teacher is in the classification
+    token cache (logits, per-token hidden states and attention maps of the mapped layers,
+    ``distill/token_cache.py``); the ``cacheable`` entries are served by it too (pooled layers are
+    pooled from its tokens). ``distribution``: it compares class distributions, so a one-output
     regression head cannot use it. ``compute``: ``LossInputs`` -> scalar tensor. ``doc``: one line
     for the recipe schema and error messages.
     """
@@ -54,6 +58,7 @@ class LossSpec:
     compute: Callable[[LossInputs], Tensor]
     doc: str
     distribution: bool = False
+    token_cache: bool = False
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -65,6 +70,8 @@ class LossSpec:
             raise ValueError(f"loss {self.name}: unknown needs {sorted(self.needs - NEEDS)}")
         if self.cacheable and self.needs & _NOT_CACHED:
             raise ValueError(f"loss {self.name}: {sorted(self.needs & _NOT_CACHED)} are not in the teacher cache")
+        if self.token_cache and not self.needs <= _TOKEN_CACHED:
+            raise ValueError(f"loss {self.name}: {sorted(self.needs - _TOKEN_CACHED)} are not in the token cache")
         if self.distribution and TEACHER_LOGITS not in self.needs:
             raise ValueError(f"loss {self.name}: a distribution loss reads the teacher logits")
 
@@ -110,11 +117,11 @@ LOSSES: dict[str, LossSpec] = _table(
     LossSpec("logits_mse",   CLS_ONLY, _LOGITS,                            True,  _term("logits_mse"),
              "MSE between raw logits (regression heads too)"),
     LossSpec("hidden_mse",   BOTH,     _TOKENS,                            False, _term("hidden_mse"),
-             "MSE between mapped hidden states per token"),
+             "MSE between mapped hidden states per token", token_cache=True),
     LossSpec("hidden_cos",   BOTH,     _TOKENS,                            False, _term("hidden_cos"),
-             "1 - cosine between mapped hidden states per token"),
+             "1 - cosine between mapped hidden states per token", token_cache=True),
     LossSpec("attention_kl", BOTH,     frozenset({ATTENTIONS, LAYER_MAP}), False, _term("attention_kl"),
-             "KL(teacher || student) between mapped attention maps (same head count)"),
+             "KL(teacher || student) between mapped attention maps (same head count)", token_cache=True),
     LossSpec("rail_c",       CLS_ONLY, _POOLED,                            True,  _term("rail_c"),
              "RAIL-KD: concatenated L2-normalised mean-pooled layers, projected"),
     LossSpec("rail_l",       CLS_ONLY, _POOLED,                            True,  _term("rail_l"),
@@ -166,6 +173,11 @@ def needs_teacher(names: Iterable[str]) -> bool:
 def live_only(names: Iterable[str]) -> tuple[str, ...]:
     """Those of ``names`` that need the teacher to run (what they read is not in the cache)."""
     return tuple(spec.name for spec in specs(names) if spec.needs and not spec.cacheable)
+
+
+def token_live_only(names: Iterable[str]) -> tuple[str, ...]:
+    """Those of ``names`` that need the teacher to run even with the token cache."""
+    return tuple(spec.name for spec in specs(names) if spec.needs and not (spec.cacheable or spec.token_cache))
 
 
 def cache_served(names: Iterable[str]) -> tuple[str, ...]:

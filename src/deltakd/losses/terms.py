@@ -28,7 +28,7 @@ class LossInputs:
     kind: str  # "classification" or "lm"
     student: Any  # model output: .logits (B, C) / (B, L, V); .hidden_states, .attentions when requested
     labels: Tensor  # (B,) class ids or floats (regression); (B, L) token ids, -100 where no loss (lm)
-    teacher: Any = None  # live teacher output, or None when the cache served the step
+    teacher: Any = None  # live teacher output, the token cache's (.logits, .hidden_states), or None (pooled cache)
     teacher_logits: Tensor | None = None  # (B, C) / (B, L, V), live or cached
     teacher_pooled: Tensor | None = None  # (B, n_layers + 1, Ht) cached mean-pooled layers
     mask: Tensor | None = None  # (B, L) attention mask

@@ -241,8 +241,11 @@ class DistillConfig(Strict):
                                  "default the teacher's width, the student's alone projected")
     lora_ild_modules: list[str] = Field(default_factory=lambda: ["query", "key", "value"], min_length=1,
                                         description="LoRA layers whose lora_A outputs lora_ild matches")
-    cache_teacher: bool = Field(default=True, description="teacher logits and pooled layers cached on disk "
-                                "(classification; losses needing token-level teacher states run it live)")
+    cache_teacher: bool = Field(default=True, description="teacher outputs cached on disk (classification): "
+                                "logits and pooled layers, or with hidden_mse / hidden_cos / attention_kl the mapped "
+                                "layers' per-token states and attention maps; lora_ild runs the teacher live")
+    cache_max_gb: float = Field(default=20.0, gt=0, description="disk budget (10^9 bytes) of the per-token teacher "
+                                "cache; a larger one is not built and the teacher runs live (one warning line)")
 
     @field_validator("layer_map", mode="before")
     @classmethod
