@@ -241,8 +241,12 @@ class DistillConfig(Strict):
                                  "default the teacher's width, the student's alone projected")
     lora_ild_modules: list[str] = Field(default_factory=lambda: ["query", "key", "value"], min_length=1,
                                         description="LoRA layers whose lora_A outputs lora_ild matches")
-    cache_teacher: bool = Field(default=True, description="teacher logits and pooled layers cached on disk "
-                                "(classification; losses needing token-level teacher states run it live)")
+    cache_teacher: bool | None = Field(default=None, description="teacher outputs cached on disk, the teacher not "
+                                       "run in training: classification logits and pooled layers (default on); "
+                                       "causal LM: the top_k next tokens per training token (opt in: true); "
+                                       "losses needing token-level teacher states run it live")
+    top_k: int = Field(default=64, gt=0, description="causal LM with cache_teacher: the teacher's k most likely next "
+                       "tokens cached per token, the rest as one tail bucket (k = 64: 258 bytes per token)")
 
     @field_validator("layer_map", mode="before")
     @classmethod
