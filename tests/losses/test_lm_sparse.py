@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -60,7 +61,7 @@ def test_smaller_k_is_below_dense_and_approaches_it(kind):
     s = t + torch.randn(3, 6, V)  # a student partly trained towards it
     dense = _dense(kind, s, t, 1.0, None).item()
     values = [_sparse(kind, s, *_teacher_topk(t, k, 1.0), 1.0, None).item() for k in (1, 4, 16, 32, V)]
-    assert all(a <= b + 1e-6 for a, b in zip(values, values[1:]))
+    assert all(a <= b + 1e-6 for a, b in itertools.pairwise(values))
     assert values[-1] == pytest.approx(dense, abs=1e-5)
     assert abs(values[2] - dense) < 0.25 * abs(values[0] - dense)  # k = 16 of 64: much closer than k = 1
 

@@ -29,9 +29,9 @@ from ..losses import table
 from ..losses.lora import capture_lora_a_outputs
 from ..losses.terms import LossInputs
 from .cache import INDEX, TeacherCache
-from .lm_cache import LMTeacherCache
 from .heads import DistillHeads
 from .layer_map import LayerMap
+from .lm_cache import LMTeacherCache
 from .schedule import LossSchedule
 
 HEADS_FILE = "distill_heads.safetensors"

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .common import check_temperature, normalised_token_sum
 
-__all__ = ["bucket_logprobs", "sparse_token_kl", "sparse_generalized_jsd"]
+__all__ = ["bucket_logprobs", "sparse_generalized_jsd", "sparse_token_kl"]
 
 _FLOOR = -1.0e4  # log of an empty bucket: exp() is exactly 0 in float32, products with it stay finite
 _EMPTY = -1.0e30  # the student's tail when the top-k ids cover the whole vocabulary

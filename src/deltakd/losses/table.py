@@ -41,7 +41,8 @@ class LossSpec:
 
     ``kinds``: the tasks it applies to. ``needs``: what it reads beyond the student's logits and
     the labels (empty: a student-only loss, no teacher outputs). ``cacheable``: what it reads of
-    the teacher is in the classification teacher cache (logits and mean-pooled layers), so the
+    the teacher is in the teacher cache (classification: logits and mean-pooled layers; causal LM:
+    the top-k next tokens and tail per token, served to the sparse forms in ``lm_sparse``), so the
     teacher need not run. ``distribution``: it compares class distributions, so a one-output
     regression head cannot use it. ``compute``: ``LossInputs`` -> scalar tensor. ``doc``: one line
     for the recipe schema and error messages.
