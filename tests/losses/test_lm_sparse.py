@@ -120,3 +120,21 @@ def test_half_precision_values_and_masked_positions():
         S.sparse_token_kl(s, ids, lp, tail, mask=mask).item())
     with pytest.raises(ValueError, match="sparse KD"):
         S.sparse_token_kl(s, ids[..., :3], lp, tail)
+
+
+def test_student_tail_from_the_top_k_equals_the_masked_logsumexp():
+    """The tail as 1 - sum(top-k) (mass >= 1e-3) or a logsumexp over the rest (below): both agree with
+    the masked logsumexp over V - k, values and gradients, for flat and very confident students."""
+    torch.manual_seed(4)
+    V, k = 40, 6
+    z = torch.randn(2, 6, V) * torch.tensor([0.5, 1, 2, 4, 8, 30]).view(1, 6, 1)  # tails from ~0.8 to ~0
+    z.requires_grad_(True)
+    ids = torch.randn(2, 6, V).topk(k, -1).indices
+    ids[:, 5] = z.detach()[:, 5].topk(k, -1).indices  # the confident rows: their top-k is the teacher's
+    s, _ = S.bucket_logprobs(z, ids, torch.full((2, 6, k), -3.0), torch.full((2, 6), -0.5))
+    want = torch.log_softmax(z, -1).scatter(-1, ids, float("-inf")).logsumexp(-1)
+    assert (want.exp() < 1e-3).any() and (want.exp() > 1e-3).any()  # both paths taken
+    torch.testing.assert_close(s[..., -1], want.clamp_min(-1e4), atol=1e-5, rtol=1e-4)
+    g, = torch.autograd.grad(s[..., -1].sum(), z)
+    g_want, = torch.autograd.grad(want.sum(), z)
+    torch.testing.assert_close(g, g_want, atol=1e-5, rtol=1e-4)

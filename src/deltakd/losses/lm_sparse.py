@@ -6,8 +6,8 @@ mass ``log p_tail = log(1 - sum_i p_i)`` (what ``deltakd.distill.lm_cache`` stor
 compares two distributions over ``k + 1`` buckets: the ``k`` teacher top-k ids, and one tail
 bucket holding everything else. The student's buckets are its probabilities at the same ids,
 ``q_i = softmax(z / T)[id_i]``, and its own mass outside those ids, ``q_tail = 1 - sum_i q_i``,
-computed as a logsumexp over the other ``V - k`` log-probabilities (exact, and its gradient flows
-to every logit outside the top-k). Then, per token,
+computed as ``1 - sum_i q_i`` (float64) where that is at least 1e-3, else as a logsumexp over the
+other ``V - k`` logits (exact however small); its gradient flows to every logit outside the top-k. Then, per token,
 
 - forward ``KL(P || Q) = sum_i p_i (log p_i - log q_i) + p_tail (log p_tail - log q_tail)``,
 - reverse ``KL(Q || P) = sum_i q_i (log q_i - log p_i) + q_tail (log q_tail - log p_tail)``,
@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .common import check_temperature, normalised_token_sum
@@ -40,6 +39,7 @@ __all__ = ["bucket_logprobs", "sparse_generalized_jsd", "sparse_token_kl"]
 
 _FLOOR = -1.0e4  # log of an empty bucket: exp() is exactly 0 in float32, products with it stay finite
 _EMPTY = -1.0e30  # the student's tail when the top-k ids cover the whole vocabulary
+_EXACT_BELOW = 1.0e-3  # a student tail mass below this is summed over its V - k logits, not as 1 - sum(top-k)
 
 
 def bucket_logprobs(student_logits: Tensor, top_ids: Tensor, top_logp: Tensor, tail_logp: Tensor,
@@ -55,13 +55,29 @@ def bucket_logprobs(student_logits: Tensor, top_ids: Tensor, top_logp: Tensor, t
         raise ValueError(f"sparse KD: student logits {tuple(student_logits.shape)}, top-k ids "
                          f"{tuple(top_ids.shape)}, log-probs {tuple(top_logp.shape)}, tail {tuple(tail_logp.shape)}")
     ids = top_ids.long()
-    s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, L, V)
-    s_top = s_logp.gather(-1, ids)  # (B, L, k)
-    s_tail = s_logp.scatter(-1, ids, _EMPTY).logsumexp(-1, keepdim=True)  # (B, L, 1): mass off the top-k ids
+    z = student_logits.float()  # (B, L, V)
+    z = z / temperature if temperature != 1.0 else z
+    log_z = z.logsumexp(-1, keepdim=True)  # (B, L, 1)
+    s_top = z.gather(-1, ids) - log_z  # (B, L, k)
+    s_tail = _student_tail(z, log_z, ids, s_top).unsqueeze(-1)  # (B, L, 1): mass off the top-k ids
     t = torch.cat([top_logp.float(), tail_logp.float().unsqueeze(-1)], dim=-1).clamp_min(_FLOOR)  # (B, L, k+1)
     t = t - t.logsumexp(-1, keepdim=True)  # renormalised: half-precision values sum to 1 again
     s = torch.cat([s_top, s_tail], dim=-1).clamp_min(_FLOOR)  # (B, L, k+1)
     return s, t
+
+
+def _student_tail(z: Tensor, log_z: Tensor, ids: Tensor, s_top: Tensor) -> Tensor:
+    """log of the student's mass off the top-k ids (B, L): ``log(1 - sum_i q_i)`` where that is accurate
+    (the rest >= ``_EXACT_BELOW``; float32 log-probs put it within ~1e-6), else, for those positions
+    only, a logsumexp over the other ``V - k`` logits (exact however small; -1e30 when k = V). One
+    pass over V fewer than masking every position, the same values."""
+    rest = 1.0 - s_top.double().logsumexp(-1).exp()  # (B, L)
+    exact = rest < _EXACT_BELOW
+    tail = rest.clamp_min(_EXACT_BELOW).log().float()  # (B, L); positions under the threshold replaced below
+    if bool(exact.any()):
+        zz = z[exact].scatter(-1, ids[exact], _EMPTY)  # (n, V), the top-k ids masked out
+        tail = tail.index_put((exact,), zz.logsumexp(-1) - log_z[exact].squeeze(-1))
+    return tail
 
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
