@@ -100,8 +100,8 @@ class DistillTrainer(TermLoggingTrainer):
 
     def __init__(self, *args: Any, teacher: nn.Module, schedule: LossSchedule, kind: str, temperature: float = 2.0,
                  jsd_beta: float = 0.5, layer_map: LayerMap | None = None, heads: DistillHeads | None = None,
-                 cache: TeacherCache | LMTeacherCache | None = None, lora_modules: tuple[str, ...] = ("query", "key", "value"),
-                 vocab: int | None = None, **kwargs: Any) -> None:
+                 cache: TeacherCache | LMTeacherCache | None = None,
+                 lora_modules: tuple[str, ...] = ("query", "key", "value"), vocab: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.teacher = freeze(teacher).to(self.args.device)
         self.schedule = schedule
