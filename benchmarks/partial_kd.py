@@ -2,8 +2,9 @@
 
     python benchmarks/partial_kd.py [--seeds 1 2 3] [--output-dir runs/partial_kd_bench]
 
-Trains recipes/partial_kd/teacher.yaml once, then student_kd.yaml and student_nokd.yaml for each
-seed (same steps), and prints held-out perplexity and training tokens/s of each.
+Trains recipes/partial_kd/teacher.yaml once, then student_kd.yaml, student_nokd.yaml and
+student_kd_cached.yaml (the teacher's top-64 per token cached once, the teacher not run in training)
+for each seed (same steps), and prints held-out perplexity and training tokens/s of each.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def main() -> None:
     done = newest_finished(Path(a.output_dir) / "partial-kd-teacher") if a.reuse_teacher else None
     teacher = done.read_results() if done else api.train(recipes / "teacher.yaml", [out])
     rows = [("teacher (4 layers)", [teacher])]
-    for name, file in (("KD student (2 layers)", "student_kd.yaml"), ("no-KD student (2 layers)", "student_nokd.yaml")):
+    for name, file in (("KD student (2 layers)", "student_kd.yaml"), ("no-KD student (2 layers)", "student_nokd.yaml"),
+                       ("cached top-k KD student (2 layers)", "student_kd_cached.yaml")):
         runs = [api.train(recipes / file, [out, f"train.seed={s}", f"teacher.run={teacher['run_dir']}"])
                 for s in a.seeds]
         rows.append((name, runs))
@@ -51,6 +53,11 @@ def main() -> None:
     nokd = [r["metrics"]["test"]["perplexity"] for r in rows[2][1]]
     wins = sum(k < n for k, n in zip(kd, nokd))
     print(f"\nKD student below no-KD student on {wins}/{len(kd)} seeds")
+    live, cached = rows[1][1], rows[3][1]
+    tps = [statistics.mean(r["train_tokens_per_second"] for r in rs) for rs in (cached, live)]
+    print(f"cached top-k KD / live KD: test perplexity {statistics.mean(r['metrics']['test']['perplexity'] for r in cached) / statistics.mean(kd):.4f}x, "
+          f"training tokens/s {tps[0] / tps[1]:.2f}x, teacher forwards {cached[0]['distill']['teacher_forwards']} vs "
+          f"{live[0]['distill']['teacher_forwards']}, {cached[0]['distill']['teacher_cache_bytes_per_token']} bytes per token")
 
 
 if __name__ == "__main__":

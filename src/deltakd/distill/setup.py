@@ -18,7 +18,7 @@ from ..losses import table
 from ..models.delta import plain_copy
 from ..models.student import every_other, layer_count
 from ..recipe.schema import DistillConfig
-from . import token_cache
+from . import lm_cache, token_cache
 from .cache import INDEX, TeacherCache, load_or_build
 from .heads import DistillHeads
 from .layer_map import LayerMap
@@ -30,7 +30,7 @@ class DistillSetup:
     schedule: LossSchedule
     layer_map: LayerMap | None
     heads: DistillHeads | None
-    cache: TeacherCache | token_cache.TokenTeacherCache | None
+    cache: TeacherCache | token_cache.TokenTeacherCache | lm_cache.LMTeacherCache | None
     teacher: nn.Module  # what the trainer runs: a LoRA teacher merged unless its adapter is needed
 
 
@@ -127,16 +127,25 @@ def check_distill(d: DistillConfig, student: nn.Module, teacher: nn.Module, kind
     return schedule, layer_map, teacher
 
 
+def compared_width(student: nn.Module, teacher: nn.Module, tokenizer: Any) -> int:
+    """The logit width causal-LM KD compares (``losses.terms.LossInputs.token_logits``): the common
+    width, or for widths that differ the tokenizer's length, at most the narrower one."""
+    s, t = (m.get_output_embeddings().weight.shape[0] for m in (student, teacher))
+    return int(s) if s == t else min(int(s), int(t), len(tokenizer) if tokenizer is not None else int(s))
+
+
 def prepare_distill(d: DistillConfig, student: nn.Module, teacher: nn.Module, kind: str, num_labels: int,
                     copied: list[int] | None, seed: int, datasets: dict[str, Any] | None = None,
                     collator: Any = None, batch_size: int = 64, device: Any = "cpu",
-                    checked: tuple[LossSchedule, LayerMap | None, nn.Module] | None = None) -> DistillSetup:
+                    checked: tuple[LossSchedule, LayerMap | None, nn.Module] | None = None,
+                    tokenizer: Any = None) -> DistillSetup:
     """Validate the distillation recipe against the models and build its pieces.
 
     With ``datasets`` and a cacheable loss, the teacher's outputs on ``datasets['train']`` are
     computed (or loaded) and the train split gets an ``idx`` column for the lookups. ``checked``:
     what :func:`check_distill` returned for the same arguments, when it already ran (its merged
-    teacher copy is not made twice).
+    teacher copy is not made twice). A causal LM gets the sparse top-k cache (``lm_cache``) only
+    when the recipe sets ``cache_teacher: true`` (an approximation, so opt in); it needs ``tokenizer``.
     """
     schedule, layer_map, teacher = checked or check_distill(d, student, teacher, kind, num_labels, copied, seed)
     names = set(schedule.loss_names)
@@ -149,7 +158,8 @@ def prepare_distill(d: DistillConfig, student: nn.Module, teacher: nn.Module, ki
                          hidden_layers=student_layers if table.needing(table.HIDDEN_PROJ, names) else (),
                          rail_dim=d.rail_dim, seed=seed)
     cache = None
-    if d.cache_teacher and kind == table.CLASSIFICATION and datasets is not None:
+    served = table.cache_served(names) and datasets is not None
+    if d.cache_teacher is not False and kind == table.CLASSIFICATION and datasets is not None:
         with PartialState().main_process_first():  # one process builds, the others load
             if table.live_only(names) and not table.token_live_only(names):  # token-level losses
                 cache = token_cache.load_or_build(  # None: over the budget (one warning line)
@@ -161,6 +171,11 @@ def prepare_distill(d: DistillConfig, student: nn.Module, teacher: nn.Module, ki
     if cache is not None:
         if int(cache.logits.shape[1]) != num_labels:
             raise DeltakdError(f"teacher cache: {cache.logits.shape[1]} logits per example, the task has {num_labels}")
+    elif d.cache_teacher and kind == table.LM and served:
+        with PartialState().main_process_first():
+            cache = lm_cache.load_or_build(teacher.to(device), datasets["train"], tokenizer, d.top_k, d.temperature,
+                                           compared_width(student, teacher, tokenizer), batch_size, device)
+    if cache is not None:
         train = datasets["train"]
         if INDEX not in train.column_names:
             datasets["train"] = train.add_column(INDEX, list(range(len(train))))

@@ -8,8 +8,9 @@ active entries need decides which model outputs are requested; every term is log
 as ``loss_<term>``.
 
 Teacher outputs come from the on-disk cache (``cache.py``: logits and pooled layers; ``token_cache.py``:
-logits, per-token hidden states and attention maps of the mapped layers) when it serves every
-active loss, else from a live forward of the frozen teacher.
+logits, per-token hidden states and attention maps of the mapped layers; causal LM: ``lm_cache.py``,
+the teacher's top-k per token) when it serves every active loss, else from a live forward of the
+frozen teacher.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..losses.terms import LossInputs
 from .cache import INDEX, TeacherCache
 from .heads import DistillHeads
 from .layer_map import LayerMap
+from .lm_cache import LMTeacherCache
 from .schedule import LossSchedule
 from .token_cache import TokenTeacherCache
 
@@ -100,7 +102,7 @@ class DistillTrainer(TermLoggingTrainer):
 
     def __init__(self, *args: Any, teacher: nn.Module, schedule: LossSchedule, kind: str, temperature: float = 2.0,
                  jsd_beta: float = 0.5, layer_map: LayerMap | None = None, heads: DistillHeads | None = None,
-                 cache: TeacherCache | TokenTeacherCache | None = None,
+                 cache: TeacherCache | TokenTeacherCache | LMTeacherCache | None = None,
                  lora_modules: tuple[str, ...] = ("query", "key", "value"), vocab: int | None = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -158,7 +160,7 @@ class DistillTrainer(TermLoggingTrainer):
         with ExitStack() as stack:
             s_cap = stack.enter_context(capture_lora_a_outputs(model, self.lora_modules)) if lora else None
             student = model(**inputs, output_hidden_states=hidden, output_attentions=attentions)
-        teacher, t_cap = None, None
+        teacher, t_cap, t_topk = None, None, None
         need_teacher = table.needs_teacher(weights)  # a student-only loss needs no teacher outputs
         live = need_teacher and (self.cache is None or idx is None or not self.cache.serves(weights))
         if live:
@@ -171,6 +173,9 @@ class DistillTrainer(TermLoggingTrainer):
         elif need_teacher and isinstance(self.cache, TokenTeacherCache):  # logits, mapped layers' states / maps
             teacher = self.cache.lookup_tokens(idx, inputs.get("attention_mask"), labels.device, hidden, attentions)
             t_logits, t_pooled = teacher.logits, None
+        elif need_teacher and isinstance(self.cache, LMTeacherCache):
+            t_logits, t_pooled = None, None
+            t_topk = self.cache.lookup(idx, labels.device)  # ids, log-probs (B, L, k), tail (B, L)
         elif need_teacher:
             t_logits, t_pooled = self.cache.lookup(idx, labels.device)  # (B, C), (B, n+1, H)
         else:
@@ -179,7 +184,7 @@ class DistillTrainer(TermLoggingTrainer):
             kind=self.kind, student=student, labels=labels, teacher=teacher, teacher_logits=t_logits,
             teacher_pooled=t_pooled, mask=inputs.get("attention_mask"), normalizer=num_items_in_batch,
             temperature=self.temperature, jsd_beta=self.jsd_beta, pairs=pairs, heads=self.heads,
-            student_lora=s_cap, teacher_lora=t_cap, vocab=self.vocab))
+            student_lora=s_cap, teacher_lora=t_cap, vocab=self.vocab, teacher_topk=t_topk))
         loss = sum(weights[k] * v for k, v in terms.items())
         self.record_terms(terms)
         return (loss, student) if return_outputs else loss

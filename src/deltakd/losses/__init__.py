@@ -4,6 +4,8 @@ Modules:
 
 - ``logits``: classification / regression heads (``ce_loss``, ``kd_kl``, ``logits_mse``).
 - ``lm``: causal-LM token losses (``token_kl``, ``generalized_jsd``, ``lm_ce``, ``next_token_mask``).
+- ``lm_sparse``: the same KD losses against a cached top-k + tail teacher (``sparse_token_kl``,
+  ``sparse_generalized_jsd``).
 - ``hidden``: intermediate layers (``hidden_mse``, ``hidden_cosine``, ``attention_kl``,
   ``mean_pool``, RAIL-KD).
 - ``lora``: LoRA-feature distillation (``lora_feature_mse``, ``capture_lora_a_outputs``).

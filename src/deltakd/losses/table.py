@@ -42,7 +42,8 @@ class LossSpec:
 
     ``kinds``: the tasks it applies to. ``needs``: what it reads beyond the student's logits and
     the labels (empty: a student-only loss, no teacher outputs). ``cacheable``: what it reads of
-    the teacher is in the classification teacher cache (logits and mean-pooled layers), so the
+    the teacher is in the teacher cache (classification: logits and mean-pooled layers; causal LM:
+    the top-k next tokens and tail per token, served to the sparse forms in ``lm_sparse``), so the
     teacher need not run. ``token_cache``: what it reads of the teacher is in the classification
     token cache (logits, per-token hidden states and attention maps of the mapped layers,
     ``distill/token_cache.py``); the ``cacheable`` entries are served by it too (pooled layers are

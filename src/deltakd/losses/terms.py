@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import hidden, lm, logits, lora
+from . import hidden, lm, lm_sparse, logits, lora
 
 
 @dataclass
@@ -40,6 +40,7 @@ class LossInputs:
     student_lora: lora.LoraACapture | None = None
     teacher_lora: lora.LoraACapture | None = None
     vocab: int | None = None  # lm: the shared tokenizer's length (logits of different widths compare up to it)
+    teacher_topk: Any = None  # lm: the cached sparse teacher (.ids, .logp (B, L, k), .tail (B, L), .width), or None
 
     @cached_property
     def token_mask(self) -> Tensor:
@@ -56,6 +57,12 @@ class LossInputs:
             return s, t
         width = min(s.shape[-1], t.shape[-1], self.vocab or s.shape[-1])
         return s[..., :width], t[..., :width]
+
+    @property
+    def sparse(self) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """lm from the top-k cache: student logits cut to the cached width, teacher ids, log-probs, tail."""
+        c = self.teacher_topk
+        return None if c is None else (self.student.logits[..., :c.width], c.ids, c.logp, c.tail)
 
     @cached_property
     def mapped_hidden(self) -> list[tuple[int, Tensor, Tensor]]:
@@ -89,17 +96,25 @@ def ce(x: LossInputs) -> Tensor:
 
 
 def kd(x: LossInputs) -> Tensor:
+    if x.kind == "lm" and x.sparse is not None:
+        return lm_sparse.sparse_token_kl(*x.sparse, x.temperature, x.token_mask, normalizer=x.normalizer)
     if x.kind == "lm":
         return lm.token_kl(*x.token_logits, x.temperature, x.token_mask, normalizer=x.normalizer)
     return logits.kd_kl(x.student.logits, x.teacher_logits, x.temperature)
 
 
 def reverse_kl(x: LossInputs) -> Tensor:
+    if x.sparse is not None:
+        return lm_sparse.sparse_token_kl(*x.sparse, x.temperature, x.token_mask, reverse=True,
+                                         normalizer=x.normalizer)
     return lm.token_kl(*x.token_logits, x.temperature, x.token_mask, reverse=True,
                        normalizer=x.normalizer)
 
 
 def jsd(x: LossInputs) -> Tensor:
+    if x.sparse is not None:
+        return lm_sparse.sparse_generalized_jsd(*x.sparse, x.jsd_beta, x.temperature, x.token_mask,
+                                                normalizer=x.normalizer)
     return lm.generalized_jsd(*x.token_logits, x.jsd_beta, x.temperature, x.token_mask,
                               normalizer=x.normalizer)
 

@@ -241,11 +241,15 @@ class DistillConfig(Strict):
                                  "default the teacher's width, the student's alone projected")
     lora_ild_modules: list[str] = Field(default_factory=lambda: ["query", "key", "value"], min_length=1,
                                         description="LoRA layers whose lora_A outputs lora_ild matches")
-    cache_teacher: bool = Field(default=True, description="teacher outputs cached on disk (classification): "
-                                "logits and pooled layers, or with hidden_mse / hidden_cos / attention_kl the mapped "
-                                "layers' per-token states and attention maps; lora_ild runs the teacher live")
+    cache_teacher: bool | None = Field(default=None, description="teacher outputs cached on disk, the teacher not "
+                                       "run in training: classification (default on): logits and pooled layers, or "
+                                       "with hidden_mse / hidden_cos / attention_kl the mapped layers' per-token "
+                                       "states and attention maps; causal LM: the top_k next tokens per training "
+                                       "token (opt in: true); lora_ild runs the teacher live")
     cache_max_gb: float = Field(default=20.0, gt=0, description="disk budget (10^9 bytes) of the per-token teacher "
                                 "cache; a larger one is not built and the teacher runs live (one warning line)")
+    top_k: int = Field(default=64, gt=0, description="causal LM with cache_teacher: the teacher's k most likely next "
+                       "tokens cached per token, the rest as one tail bucket (k = 64: 258 bytes per token)")
 
     @field_validator("layer_map", mode="before")
     @classmethod

@@ -88,7 +88,8 @@ class TransformersFamily(Family):
         """Validate the distillation recipe against the models; build layer map, projections, cache."""
         collator = None if prep.head.causal_lm else DataCollatorWithPadding(prep.tokenizer)
         return prepare_distill(*self._distill_args(prep, copied), prep.datasets, collator,
-                               prep.recipe.train.eval_batch_size, distributed_state().device, checked=checked)
+                               prep.recipe.train.eval_batch_size, distributed_state().device, checked=checked,
+                               tokenizer=prep.tokenizer)
 
     def make_trainer(self, prep: Prepared, args: TrainingArguments, callbacks: list) -> Trainer:
         if prep.teacher is None:
@@ -138,6 +139,7 @@ class TransformersFamily(Family):
             "speedup": student_speed / t_speed if t_speed > 0 else float("nan"),
             "teacher_forwards": int(getattr(trainer, "teacher_forwards", 0)),
             "teacher_cache": str(setup.cache.path) if setup is not None and setup.cache is not None else None,
+            "teacher_cache_bytes_per_token": getattr(setup.cache, "bytes_per_token", None) if setup is not None else None,
             "layer_map": setup.layer_map.mode if setup is not None and setup.layer_map is not None else None,
         }
 
