@@ -243,6 +243,11 @@ class DistillConfig(Strict):
                                         description="LoRA layers whose lora_A outputs lora_ild matches")
     cache_teacher: bool = Field(default=True, description="teacher logits and pooled layers cached on disk "
                                 "(classification; losses needing token-level teacher states run it live)")
+    chunked: bool | Literal["auto"] = Field(
+        default="auto", description="causal LM: ce / kd / reverse_kl / jsd computed from the LM heads' inputs, "
+        "chunk_tokens tokens at a time, without full logits (same values); auto: on at a vocabulary of 32,768 or more")
+    chunk_tokens: int | None = Field(default=None, gt=0, description="tokens per chunk when chunked; default about "
+                                     "32M logits per chunk (1,024 tokens at a 32k vocabulary)")
 
     @field_validator("layer_map", mode="before")
     @classmethod
