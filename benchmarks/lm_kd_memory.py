@@ -29,6 +29,9 @@ What is measured, per case in a fresh process (forked from this one before any t
     OMP_NUM_THREADS=1 python benchmarks/lm_kd_memory.py                # 32k, 128k, 152k; 4,096 tokens; hidden 256
     python benchmarks/lm_kd_memory.py --smoke                           # small sizes, seconds
 
+A case killed by the kernel for memory (naive at large vocabularies on a small machine) shows as
+``-``, like a way left out with ``--ways``.
+
 Prints one row per loss and vocabulary: peak MiB and seconds of each way, and chunked / naive and
 fused / naive memory and time. Targets (issue 18): chunked or fused peak <= 0.15x naive at the
 128k vocabulary, time <= 1.1x naive.
@@ -126,8 +129,8 @@ def _case(loss: str, way: str, vocab: int, tokens: int, hidden: int, chunk_token
 
 
 def measure(loss: str, way: str, vocab: int, tokens: int, hidden: int, chunk_tokens: int | None,
-            device: str = "cpu", repeats: int = 0) -> tuple[float, float]:
-    """(peak MiB, seconds) of one case, in a forked process."""
+            device: str = "cpu", repeats: int = 0) -> tuple[float, float] | None:
+    """(peak MiB, seconds) of one case, in a forked process; None when it was killed (out of memory)."""
     ctx = mp.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_case, args=(loss, way, vocab, tokens, hidden, chunk_tokens, device, repeats, send))
@@ -138,13 +141,22 @@ def measure(loss: str, way: str, vocab: int, tokens: int, hidden: int, chunk_tok
     except EOFError:
         result = None
     proc.join()
+    if result is None and proc.exitcode == -9:
+        return None  # the kernel's out-of-memory killer
     if result is None or proc.exitcode != 0:
         raise RuntimeError(f"{loss} {way} vocab {vocab}: the measuring process ended with code {proc.exitcode}")
     return result
 
 
+def _cells(pair: tuple[float, float] | None, widths: tuple[int, int], digits: tuple[int, int]) -> str:
+    if pair is None:
+        return f"{'-':>{widths[0]}}{'-':>{widths[1]}}"
+    return f"{pair[0]:{widths[0]}.{digits[0]}f}{pair[1]:{widths[1]}.{digits[1]}f}"
+
+
 def run(vocabs, tokens: int, hidden: int, chunk_tokens: int | None, losses=LOSSES, device: str = "cpu",
-        repeats: int = 0, echo=print) -> list[dict]:
+        repeats: int = 0, ways=WAYS, echo=print) -> list[dict]:
+    """One row per vocabulary and loss; a way not run (``ways``) or killed for memory shows as ``-``."""
     import deltakd.losses.lm_chunked  # noqa: F401  imported once here, used by every forked case (no compute before the fork)
 
     rows = []
@@ -156,14 +168,15 @@ def run(vocabs, tokens: int, hidden: int, chunk_tokens: int | None, losses=LOSSE
         for loss in losses:
             row = {"loss": loss, "vocab": vocab}
             for way in WAYS:
-                row[way] = measure(loss, way, vocab, tokens, hidden, chunk_tokens, device, repeats)
-            (nm, nt) = row["naive"]
+                row[way] = measure(loss, way, vocab, tokens, hidden, chunk_tokens, device, repeats) if way in ways else None
             for way in ("chunked", "fused"):
-                row[f"{way}_ratio"] = (row[way][0] / nm if nm > 0 else float("nan"), row[way][1] / nt)
+                naive, own = row["naive"], row[way]
+                row[f"{way}_ratio"] = None if naive is None or own is None else (
+                    own[0] / naive[0] if naive[0] > 0 else float("nan"), own[1] / naive[1])
             rows.append(row)
-            cells = " | ".join(f"{row[w][0]:12.1f}{row[w][1]:7.2f}" for w in WAYS)
-            echo(f"{loss:<11}{vocab:>8} | {cells} | {row['chunked_ratio'][0]:17.3f}{row['chunked_ratio'][1]:6.2f}"
-                 f" | {row['fused_ratio'][0]:15.3f}{row['fused_ratio'][1]:6.2f}")
+            cells = " | ".join(_cells(row[w], (12, 7), (1, 2)) for w in WAYS)
+            echo(f"{loss:<11}{vocab:>8} | {cells} | {_cells(row['chunked_ratio'], (17, 6), (3, 2))}"
+                 f" | {_cells(row['fused_ratio'], (15, 6), (3, 2))}", flush=True)
     return rows
 
 
@@ -177,10 +190,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=0, help="timed runs after the first (default: the first alone)")
+    p.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS), help="the ways to run (others show as -)")
     a = p.parse_args(argv)
     preset = SMOKE if a.smoke else FULL
     return run(a.vocabs or preset["vocabs"], a.tokens or preset["tokens"], a.hidden or preset["hidden"],
-               a.chunk_tokens or preset["chunk_tokens"], tuple(a.losses), a.device, a.repeats)
+               a.chunk_tokens or preset["chunk_tokens"], tuple(a.losses), a.device, a.repeats, tuple(a.ways))
 
 
 if __name__ == "__main__":

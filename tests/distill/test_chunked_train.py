@@ -90,3 +90,41 @@ def test_auto_turns_on_at_32k_tokens_and_true_refuses_a_head_it_cannot_fuse():
     with pytest.raises(ValueError, match="the teacher cannot be fused: its logits are changed after the head "
                                          r"\(final_logit_softcapping\)"):
         use_chunked(True, big, capped, 32_768)
+
+
+@pytest.mark.slow
+def test_a_recipe_with_chunked_true_trains_like_chunked_false(tmp_path, monkeypatch):
+    """Through the recipe (schema -> family -> trainer): distill.chunked true gives the curve of false."""
+    import json
+    from pathlib import Path
+
+    from deltakd import api
+    from deltakd.distill import trainer as trainer_module
+
+    calls = []
+    real = trainer_module.chunked_terms
+    monkeypatch.setattr(trainer_module, "chunked_terms", lambda *a, **k: calls.append(k["chunk_tokens"]) or real(*a, **k))
+
+    from ..conftest import write_recipe
+    from ..test_partial_kd import _base, _text
+
+    base = _base(tmp_path, _text(tmp_path)).replace("epochs: 3,", "max_steps: 6, grad_accum: 2,")
+    base = base.replace("logging_steps: 5", "logging_steps: 1")
+    api.train(write_recipe(tmp_path / "t.yaml", base + """
+name: t
+model: {config: {model_type: gpt2, n_layer: 2, n_embd: 32, n_head: 2, n_positions: 32}, vocab_size: 300}
+"""))
+    curves = {}
+    for chunked in ("false", "true"):
+        run = api.train(write_recipe(tmp_path / f"kd_{chunked}.yaml", base + f"""
+name: kd_{chunked}
+teacher: {{run: {tmp_path / 'runs' / 't'}}}
+student: {{from_teacher: {{nb_layers: 1}}}}
+distill: {{losses: {{ce: 0.4, kd: 0.3, jsd: 0.3}}, chunked: {chunked}, chunk_tokens: 7}}
+"""))
+        events = [json.loads(x) for x in (Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        curves[chunked] = [(e["loss"], e["loss_kd"], e["loss_jsd"]) for e in events if "loss_kd" in e]
+        assert len(calls) == (12 if chunked == "true" else 0)  # 6 steps x 2 micro-batches, chunked
+    assert len(curves["true"]) == len(curves["false"]) == 6
+    for a, b in zip(curves["false"], curves["true"]):
+        assert b == pytest.approx(a, abs=1e-4, rel=1e-5)
