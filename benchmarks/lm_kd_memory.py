@@ -16,11 +16,12 @@ Chunks: ``--chunk-tokens`` (default ``lm_chunked.default_chunk_tokens``: about 3
 
 What is measured, per case in a fresh process (forked from this one before any torch compute):
 
-- on CPU, the process's peak resident memory (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) after
-  the step minus that peak before it: the inputs and weights (made in place, so making them
-  leaves no higher mark) and the code a step runs (a tiny warm-up step of the same way first) are
-  resident before; what the step adds on top of them at its highest is the figure (every byte
-  the step touches, the allocator's included, not only live tensors);
+- on CPU, the process's peak resident memory during the step minus its resident memory before:
+  the peak mark is reset just before the step (``/proc/self/clear_refs`` 5; the peak is ``VmHWM``
+  of ``/proc/self/status``; where that is not writable, ``getrusage`` ``ru_maxrss``, whose mark a
+  forked process inherits); the inputs and weights and the code a step runs (a tiny warm-up step
+  of the same way first) are resident before; what the step adds on top of them at its highest
+  is the figure (every byte the step touches, the allocator's included, not only live tensors);
 - on CUDA (``--device cuda``), ``torch.cuda.max_memory_allocated()`` during the step minus the
   memory allocated before it: live tensor bytes at their highest;
 - time: wall time of the forward + backward (``--repeats`` runs after the first, the fastest;
@@ -53,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 LOSSES = ("kd", "reverse_kl", "jsd", "ce")
 WAYS = ("naive", "chunked", "fused")
 FULL = {"vocabs": (32_000, 128_000, 152_000), "tokens": 4096, "hidden": 256, "chunk_tokens": None}
-SMOKE = {"vocabs": (16_384,), "tokens": 512, "hidden": 32, "chunk_tokens": 32}
+SMOKE = {"vocabs": (16_384,), "tokens": 1024, "hidden": 32, "chunk_tokens": 32}
 TEMPERATURE, BETA = 2.0, 0.5
 
 
@@ -99,6 +100,28 @@ def _step(loss: str, way: str, h, w, th, tw, y, chunk_tokens: int | None) -> Non
     h.grad = w.grad = None
 
 
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        return int(next(line.split()[1] for line in f if line.startswith(field + ":")))
+
+
+def _reset_peak() -> int:
+    """Reset the peak resident mark to the current resident memory; the baseline (KiB)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return _rss_kib("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+def _peak_kib() -> int:
+    try:
+        return _rss_kib("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _case(loss: str, way: str, vocab: int, tokens: int, hidden: int, chunk_tokens: int | None, device: str,
           repeats: int, out) -> None:
     """In a forked process: one case; sends (peak MiB, seconds)."""
@@ -112,7 +135,7 @@ def _case(loss: str, way: str, vocab: int, tokens: int, hidden: int, chunk_token
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        base = _reset_peak()
     times = []
     for _ in range(1 + repeats):
         t0 = time.perf_counter()
@@ -123,7 +146,7 @@ def _case(loss: str, way: str, vocab: int, tokens: int, hidden: int, chunk_token
     if cuda:
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+        peak = (_peak_kib() - base) / 1024
     out.send((peak, min(times[1:]) if repeats else times[0]))
     out.close()
 
