@@ -128,3 +128,34 @@ distill: {{losses: {{ce: 0.4, kd: 0.3, jsd: 0.3}}, chunked: {chunked}, chunk_tok
     assert len(curves["true"]) == len(curves["false"]) == 6
     for a, b in zip(curves["false"], curves["true"]):
         assert b == pytest.approx(a, abs=1e-4, rel=1e-5)
+
+
+def test_recipe_keys_chunked_and_chunk_tokens(tmp_path):
+    from deltakd.errors import DeltakdError
+    from deltakd.recipe import load_recipe
+
+    from ..conftest import write_recipe
+
+    path = write_recipe(tmp_path / "r.yaml", "name: r\ntask: {name: sst2, data_dir: data}\nteacher: {run: runs/t}\ndistill: {}\n")
+    assert load_recipe(path, check_files=False).distill.chunked == "auto"
+    assert load_recipe(path, check_files=False).distill.chunk_tokens is None
+    r = load_recipe(path, ["distill.chunked=true", "distill.chunk_tokens=512"], check_files=False)
+    assert r.distill.chunked is True and r.distill.chunk_tokens == 512
+    assert load_recipe(path, ["distill.chunked=false"], check_files=False).distill.chunked is False
+    for bad, message in (("distill.chunked=maybe", "distill.chunked"), ("distill.chunk_tokens=0", "distill.chunk_tokens")):
+        with pytest.raises(DeltakdError, match=message) as e:
+            load_recipe(path, [bad], check_files=False)
+        assert "\n" not in str(e.value)
+
+
+def test_chunked_true_with_a_head_that_cannot_be_fused_is_refused_before_training():
+    from deltakd.distill.setup import check_distill
+    from deltakd.errors import DeltakdError
+    from deltakd.recipe.schema import DistillConfig
+
+    student, teacher = _gpt2(1, VOCAB, 0), _gpt2(2, VOCAB, 1)
+    teacher.config.final_logit_softcapping = 30.0
+    d = DistillConfig(losses={"ce": 0.5, "kd": 0.5}, chunked=True)
+    with pytest.raises(DeltakdError, match="distill.chunked: the teacher cannot be fused"):
+        check_distill(d, student, teacher, "lm", VOCAB, None, 0)
+    check_distill(d.model_copy(update={"chunked": "auto"}), student, teacher, "lm", VOCAB, None, 0)  # auto: off, no error
