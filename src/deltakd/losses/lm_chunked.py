@@ -185,15 +185,18 @@ def _checkpointed(h: Tensor, w: Tensor, b: Tensor | None, th: Tensor, tw: Tensor
 # --- method "fused": closed-form gradients, computed in the forward pass --------------------------
 
 
-def _chunk_values_and_grad(z: Tensor, zt: Tensor | None, y: Tensor, spec: _Spec) -> tuple[list[Tensor], Tensor]:
+def _chunk_values_and_grad(hc: Tensor, w: Tensor, b: Tensor | None, thc: Tensor, tw: Tensor, tb: Tensor | None,
+                           y: Tensor, spec: _Spec) -> tuple[list[Tensor], Tensor]:
     """Per-term sums over one chunk and the gradient of ``sum_k weight_k * sum_k / norm`` with respect
-    to the student's float32 logits ``z`` (c, Vs). Closed forms, with q = softmax(z / T) (student),
-    p = softmax(zt / T) (teacher), m = beta p + (1 - beta) q, per row:
+    to the student's float32 logits z (c, Vs), made here from the chunk's hidden states. Closed forms,
+    with q = softmax(z / T) (student), p = softmax(zt / T) (teacher), m = beta p + (1 - beta) q, per row:
     d CE / dz = softmax(z) - onehot(y); d KL(p||q) / dz = (q - p) / T;
     d KL(q||p) / dz = q (log q - log p - KL(q||p)) / T; d JSD_beta / dz = (1 - beta) q (log q - log m - KL(q||m)) / T.
-    The KL terms of ``kd`` / ``reverse_kl`` carry T^2 (value and gradient)."""
+    The KL terms of ``kd`` / ``reverse_kl`` carry T^2 (value and gradient). Buffers are reused in place:
+    about six (c, V) float32 tensors live at once."""
     t, beta = spec.temperature, spec.beta
-    coef = {n: w / spec.norm for n, w in zip(spec.names, spec.weights)}
+    coef = {n: w_ / spec.norm for n, w_ in zip(spec.names, spec.weights)}
+    z = F.linear(hc, w, b).float()  # (c, Vs), owned here
     grad = torch.zeros_like(z)  # (c, Vs)
     values: dict[str, Tensor] = {}
     if CE in coef:
@@ -203,39 +206,44 @@ def _chunk_values_and_grad(z: Tensor, zt: Tensor | None, y: Tensor, spec: _Spec)
         q1.scatter_add_(1, y[:, None], torch.full_like(q1[:, :1], -1.0))  # softmax - onehot
         grad.add_(q1, alpha=coef[CE])
         del logq1, q1
-    if zt is not None:
-        g = grad[:, : spec.width]  # a view: updates land in grad
-        logq = (z[:, : spec.width] / t).log_softmax(-1)  # (c, W)
-        logp = (zt[:, : spec.width] / t).log_softmax(-1)  # (c, W)
-        q, p = logq.exp(), logp.exp()
-        if KD in coef or (JSD in coef and beta == 0.0):
-            fwd = (p * (logp - logq)).sum()
-            step = (q - p) / t  # d KL(p||q) / dz
-            if KD in coef:
-                values[KD] = fwd * t * t
-                g.add_(step, alpha=coef[KD] * t * t)
-            if JSD in coef and beta == 0.0:
-                values[JSD] = fwd
-                g.add_(step, alpha=coef[JSD])
-            del step
-        if REVERSE_KL in coef or (JSD in coef and beta == 1.0):
-            log_ratio = logq - logp  # (c, W)
-            rev = (q * log_ratio).sum(-1, keepdim=True)  # (c, 1) KL(q||p) per token
-            step = q * (log_ratio - rev) / t  # d KL(q||p) / dz
-            if REVERSE_KL in coef:
-                values[REVERSE_KL] = rev.sum() * t * t
-                g.add_(step, alpha=coef[REVERSE_KL] * t * t)
-            if JSD in coef and beta == 1.0:
-                values[JSD] = rev.sum()
-                g.add_(step, alpha=coef[JSD])
-            del log_ratio, step
-        if JSD in coef and 0.0 < beta < 1.0:
-            logm = torch.logaddexp(logp + math.log(beta), logq + math.log(1.0 - beta))  # (c, W)
-            kl_p = (p * (logp - logm)).sum()
-            log_ratio = logq - logm
-            kl_q = (q * log_ratio).sum(-1, keepdim=True)  # (c, 1)
-            values[JSD] = beta * kl_p + (1.0 - beta) * kl_q.sum()
-            g.add_(q * (log_ratio - kl_q), alpha=coef[JSD] * (1.0 - beta) / t)
+    if spec.names == (CE,):
+        return [values[CE]], grad
+    zs = z[:, : spec.width]
+    logq = (zs.div_(t) if t != 1.0 else zs).log_softmax(-1)  # (c, W); z is not needed any more
+    del z, zs
+    zt = F.linear(thc, tw, tb).float()[:, : spec.width]  # (c, W)
+    logp = (zt.div_(t) if t != 1.0 else zt).log_softmax(-1)  # (c, W)
+    del zt
+    p, q = logp.exp(), logq.exp()
+    tmp = torch.empty_like(logq)  # (c, W) scratch
+    g = grad[:, : spec.width]  # a view: updates land in grad
+    if KD in coef or (JSD in coef and beta == 0.0):
+        fwd = torch.sub(logp, logq, out=tmp).mul_(p).sum()  # KL(p||q)
+        torch.sub(q, p, out=tmp)  # T * d KL(p||q) / dz
+        if KD in coef:
+            values[KD] = fwd * t * t
+            g.add_(tmp, alpha=coef[KD] * t)
+        if JSD in coef and beta == 0.0:
+            values[JSD] = fwd
+            g.add_(tmp, alpha=coef[JSD] / t)
+    if REVERSE_KL in coef or (JSD in coef and beta == 1.0):
+        torch.sub(logq, logp, out=tmp)  # log q - log p
+        rev = torch.einsum("cv,cv->c", q, tmp)[:, None]  # (c, 1) KL(q||p) per token
+        tmp.sub_(rev).mul_(q)  # T * d KL(q||p) / dz
+        if REVERSE_KL in coef:
+            values[REVERSE_KL] = rev.sum() * t * t
+            g.add_(tmp, alpha=coef[REVERSE_KL] * t)
+        if JSD in coef and beta == 1.0:
+            values[JSD] = rev.sum()
+            g.add_(tmp, alpha=coef[JSD] / t)
+    if JSD in coef and 0.0 < beta < 1.0:
+        logm = torch.logaddexp(torch.add(logp, math.log(beta), out=tmp), logq + math.log(1.0 - beta))  # (c, W)
+        kl_p = torch.sub(logp, logm, out=tmp).mul_(p).sum()  # KL(p||m)
+        torch.sub(logq, logm, out=tmp)  # log q - log m
+        del logm
+        kl_q = torch.einsum("cv,cv->c", q, tmp)[:, None]  # (c, 1) KL(q||m) per token
+        values[JSD] = beta * kl_p + (1.0 - beta) * kl_q.sum()
+        g.add_(tmp.sub_(kl_q).mul_(q), alpha=coef[JSD] * (1.0 - beta) / t)
     return [values[n] for n in spec.names], grad
 
 
@@ -249,13 +257,9 @@ class _FusedHeadLosses(torch.autograd.Function):
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if needs_w else None  # (Vs, Hs)
         grad_b = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if needs_b else None  # (Vs,)
         sums = torch.zeros(len(spec.names), dtype=torch.float32, device=h.device)
-        teacher = spec.names != (CE,)
         for i in range(0, h.shape[0], spec.chunk):
             hc = h[i : i + spec.chunk]  # (c, Hs)
-            z = F.linear(hc, w, b).float()  # (c, Vs)
-            zt = F.linear(th[i : i + spec.chunk], tw, tb).float() if teacher else None  # (c, Vt)
-            values, g = _chunk_values_and_grad(z, zt, y[i : i + spec.chunk], spec)
-            del z, zt
+            values, g = _chunk_values_and_grad(hc, w, b, th[i : i + spec.chunk], tw, tb, y[i : i + spec.chunk], spec)
             sums += torch.stack(values)
             if needs_h:
                 grad_h[i : i + spec.chunk] = (g.to(w.dtype) @ w).to(h.dtype)
