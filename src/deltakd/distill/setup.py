@@ -20,6 +20,7 @@ from ..models.student import every_other, layer_count
 from ..recipe.schema import DistillConfig
 from . import lm_cache, token_cache
 from .cache import INDEX, TeacherCache, load_or_build
+from .fused_head import use_chunked
 from .heads import DistillHeads
 from .layer_map import LayerMap
 from .schedule import LossSchedule
@@ -124,6 +125,11 @@ def check_distill(d: DistillConfig, student: nn.Module, teacher: nn.Module, kind
         if r_s != r_t:
             raise DeltakdError(f"{where}: LoRA ranks differ (student {sorted(r_s)}, "
                                f"teacher {sorted(r_t)}); set peft.r to the teacher's")
+    if kind == table.LM and d.chunked is True:
+        try:
+            use_chunked(True, student, teacher, None)
+        except ValueError as e:
+            raise DeltakdError(str(e)) from None
     return schedule, layer_map, teacher
 
 

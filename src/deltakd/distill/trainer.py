@@ -30,6 +30,7 @@ from ..losses import table
 from ..losses.lora import capture_lora_a_outputs
 from ..losses.terms import LossInputs
 from .cache import INDEX, TeacherCache
+from .fused_head import FUSABLE, chunked_terms, head_input, use_chunked
 from .heads import DistillHeads
 from .layer_map import LayerMap
 from .lm_cache import LMTeacherCache
@@ -98,12 +99,16 @@ class DistillTrainer(TermLoggingTrainer):
     extra rows over the same tokenizer) are compared on their first ``vocab`` entries.
     ``heads`` (projections) train with the student: they join the optimizer as one more param
     group and are saved in every checkpoint, so a resumed run continues them too.
+    ``chunked`` (lm; true / false / ``"auto"``, see ``fused_head.use_chunked``): the token terms
+    (ce, kd, reverse_kl, jsd) are computed from the LM heads' inputs ``chunk_tokens`` tokens at a
+    time (``fused_head``), without full logits of either model; same values and gradients.
     """
 
     def __init__(self, *args: Any, teacher: nn.Module, schedule: LossSchedule, kind: str, temperature: float = 2.0,
                  jsd_beta: float = 0.5, layer_map: LayerMap | None = None, heads: DistillHeads | None = None,
                  cache: TeacherCache | TokenTeacherCache | LMTeacherCache | None = None,
                  lora_modules: tuple[str, ...] = ("query", "key", "value"), vocab: int | None = None,
+                 chunked: bool | str = False, chunk_tokens: int | None = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.teacher = freeze(teacher).to(self.args.device)
@@ -117,6 +122,9 @@ class DistillTrainer(TermLoggingTrainer):
         self.lora_modules = tuple(lora_modules)
         self.vocab = vocab  # the shared tokenizer's length: lm logits of different widths compare up to it
         self.teacher_forwards = 0  # live teacher calls, for tests and benchmarks
+        self.chunked = kind == "lm" and use_chunked(chunked, self.accelerator.unwrap_model(self.model),
+                                                    self.teacher, vocab)
+        self.chunk_tokens = chunk_tokens
         if self.heads is not None:
             self.add_callback(ZeroHeadGrads(self.heads))
 
@@ -157,18 +165,21 @@ class DistillTrainer(TermLoggingTrainer):
         lora = bool(table.needing(table.LORA_A, weights))
         labels = inputs["labels"]
         feed = {k: v for k, v in inputs.items() if k != "labels"}
-        with ExitStack() as stack:
-            s_cap = stack.enter_context(capture_lora_a_outputs(model, self.lora_modules)) if lora else None
-            student = model(**inputs, output_hidden_states=hidden, output_attentions=attentions)
-        teacher, t_cap, t_topk = None, None, None
         need_teacher = table.needs_teacher(weights)  # a student-only loss needs no teacher outputs
         live = need_teacher and (self.cache is None or idx is None or not self.cache.serves(weights))
+        fused = self._fused_names(weights, live or not need_teacher)
+        with ExitStack() as stack:
+            s_cap = stack.enter_context(capture_lora_a_outputs(model, self.lora_modules)) if lora else None
+            s_in = stack.enter_context(head_input(self.accelerator.unwrap_model(model))) if fused else None
+            student = model(**(feed if fused else inputs), output_hidden_states=hidden, output_attentions=attentions)
+        teacher, t_cap, t_in, t_topk = None, None, None, None
         if live:
             with torch.no_grad(), ExitStack() as stack:
                 t_cap = stack.enter_context(capture_lora_a_outputs(self.teacher, self.lora_modules)) if lora else None
+                t_in = stack.enter_context(head_input(self.teacher)) if fused else None
                 teacher = self.teacher(**feed, output_hidden_states=hidden, output_attentions=attentions)
             self.teacher_forwards += 1
-            t_logits = teacher.logits
+            t_logits = None if fused else teacher.logits
             t_pooled = None
         elif need_teacher and isinstance(self.cache, TokenTeacherCache):  # logits, mapped layers' states / maps
             teacher = self.cache.lookup_tokens(idx, inputs.get("attention_mask"), labels.device, hidden, attentions)
@@ -180,14 +191,29 @@ class DistillTrainer(TermLoggingTrainer):
             t_logits, t_pooled = self.cache.lookup(idx, labels.device)  # (B, C), (B, n+1, H)
         else:
             t_logits, t_pooled = None, None
-        terms = self._terms(weights, LossInputs(
+        terms = self._terms({k: w for k, w in weights.items() if k not in fused}, LossInputs(
             kind=self.kind, student=student, labels=labels, teacher=teacher, teacher_logits=t_logits,
             teacher_pooled=t_pooled, mask=inputs.get("attention_mask"), normalizer=num_items_in_batch,
             temperature=self.temperature, jsd_beta=self.jsd_beta, pairs=pairs, heads=self.heads,
             student_lora=s_cap, teacher_lora=t_cap, vocab=self.vocab, teacher_topk=t_topk))
         loss = sum(weights[k] * v for k, v in terms.items())
+        if fused:
+            fused_loss, fused_terms = chunked_terms(
+                {k: weights[k] for k in fused}, labels, self.accelerator.unwrap_model(model), s_in.hidden,
+                self.teacher if t_in is not None else None, t_in.hidden if t_in is not None else None,
+                temperature=self.temperature, beta=self.jsd_beta, vocab=self.vocab, normalizer=num_items_in_batch,
+                chunk_tokens=self.chunk_tokens)
+            loss = fused_loss + loss
+            terms = {s.name: fused_terms.get(s.name, terms.get(s.name)) for s in table.specs(weights)}  # table order
         self.record_terms(terms)
         return (loss, student) if return_outputs else loss
+
+    def _fused_names(self, weights: dict[str, float], teacher_outputs_live: bool) -> tuple[str, ...]:
+        """The active token terms computed chunked this step (none unless chunked, and the teacher, if
+        needed, runs live: a cache serves logits)."""
+        if not (self.chunked and teacher_outputs_live):
+            return ()
+        return tuple(k for k in weights if k in FUSABLE)
 
     def _pairs(self, weights: dict[str, float], epoch: float) -> list[tuple[int, list[int]]]:
         if not table.needing(table.LAYER_MAP, weights):

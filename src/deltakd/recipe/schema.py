@@ -250,6 +250,11 @@ class DistillConfig(Strict):
                                 "cache; a larger one is not built and the teacher runs live (one warning line)")
     top_k: int = Field(default=64, gt=0, description="causal LM with cache_teacher: the teacher's k most likely next "
                        "tokens cached per token, the rest as one tail bucket (k = 64: 258 bytes per token)")
+    chunked: bool | Literal["auto"] = Field(
+        default="auto", description="causal LM: ce / kd / reverse_kl / jsd computed from the LM heads' inputs, "
+        "chunk_tokens tokens at a time, without full logits (same values); auto: on at a vocabulary of 32,768 or more")
+    chunk_tokens: int | None = Field(default=None, gt=0, description="tokens per chunk when chunked; default about "
+                                     "32M logits per chunk (1,024 tokens at a 32k vocabulary)")
 
     @field_validator("layer_map", mode="before")
     @classmethod

@@ -101,7 +101,7 @@ class TransformersFamily(Family):
                               schedule=setup.schedule, kind="lm" if prep.head.causal_lm else "classification",
                               temperature=d.temperature, jsd_beta=d.jsd_beta, layer_map=setup.layer_map,
                               heads=setup.heads, cache=setup.cache, lora_modules=tuple(d.lora_ild_modules),
-                              vocab=len(prep.tokenizer))
+                              vocab=len(prep.tokenizer), chunked=d.chunked, chunk_tokens=d.chunk_tokens)
 
     # --- the end of a run ----------------------------------------------------------------------
 
