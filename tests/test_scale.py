@@ -168,13 +168,16 @@ def test_gradient_checkpointing_and_the_fused_optimizer_train_to_the_same_loss(t
 
 
 @pytest.mark.slow
-def test_torch_compile_trains_to_the_same_loss(tmp_path, tiny_bert, toy_task):
+def test_torch_compile_trains_to_the_same_loss(tmp_path, tiny_bert, toy_task, monkeypatch):
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor, "fallback_random", True)  # dropout draws the eager random numbers
     base, _ = kd_trainer(tmp_path, tiny_bert, toy_task, name="base")
     base.train()
     compiled, _ = kd_trainer(tmp_path, tiny_bert, toy_task, name="compiled", torch_compile=True)
     compiled.train()
     assert compiled.args.torch_compile
-    assert step_losses(compiled) == pytest.approx(step_losses(base), rel=1e-3)
+    assert step_losses(compiled) == pytest.approx(step_losses(base), rel=1e-4)
 
 
 # --- what cannot run here: one line, exit 2, nothing written --------------------------------
