@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         # multistage: one MSE stage from the packaged MiniLM-L6 sentence teacher
         row("multistage MiniLM-L6 stage", {
             **common, "family": "multistage", "name": "ms", "teacher": {"model": "minilm-l6"},
-            "data": {"train": [str(pairs_file(tmp / "pairs.tsv", bs * (steps + 2)))], "heldout": 4,
+            "data": {"train": [str(pairs_file(tmp / "pairs.en-de.tsv", bs * (steps + 2)))], "heldout": 4,
                      "max_length": length},
             "train": {**train, "lr": 5e-5}})
 
