@@ -73,7 +73,11 @@ def test_forced_bf16_kd_runs_the_teacher_in_bf16_with_a_loss_close_to_fp32(tmp_p
     fp32.train()
     bf16, probe = kd_trainer(tmp_path, tiny_bert, toy_task, name="bf16", bf16="force")
     assert bf16.args.bf16 and not fp32.args.bf16
+    autocast = []  # (autocast on, the classifier's output dtype) at each student forward
+    bf16.model.classifier.register_forward_hook(
+        lambda m, i, o: autocast.append((torch.is_autocast_enabled("cpu"), o.dtype)))
     bf16.train()
+    assert autocast and set(autocast) == {(True, torch.bfloat16)}  # the student trains under bf16 autocast
     # the frozen teacher infers in bf16; the student keeps fp32 weights (trained under autocast)
     assert probe.seen == [(torch.bfloat16, torch.float32)] * 4
     assert next(fp32.teacher.parameters()).dtype == torch.float32
@@ -154,6 +158,7 @@ def test_every_scale_key_reaches_training_arguments(tmp_path):
     assert scale_arguments(TrainConfig(fp16=True)) == {"bf16": False, "fp16": True}
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_and_the_fused_optimizer_train_to_the_same_loss(tmp_path, tiny_bert, toy_task):
     base, _ = kd_trainer(tmp_path, tiny_bert, toy_task, name="base", optim="adamw_torch")
     base.train()
