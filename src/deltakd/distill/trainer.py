@@ -48,6 +48,12 @@ def freeze(teacher: nn.Module) -> nn.Module:
     return teacher
 
 
+def half_dtype(args: Any) -> torch.dtype | None:
+    """The dtype the frozen teacher runs in: bf16 / fp16 when the run is mixed precision (the student
+    trains under autocast in fp32 weights; the teacher only infers, so its weights are cast), else None."""
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+
+
 class ZeroHeadGrads(TrainerCallback):
     """Clear the projections' gradients where the Trainer clears the model's (``model.zero_grad()`` at
     the start and after every optimizer step): the heads are not part of the model, so without this
@@ -111,7 +117,8 @@ class DistillTrainer(TermLoggingTrainer):
                  chunked: bool | str = False, chunk_tokens: int | None = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.teacher = freeze(teacher).to(self.args.device)
+        # on this process's device, in the run's half dtype: under DDP / FSDP / DeepSpeed a replica per process
+        self.teacher = freeze(teacher).to(self.args.device, dtype=half_dtype(self.args))
         self.schedule = schedule
         self.kind = kind
         self.temperature = temperature

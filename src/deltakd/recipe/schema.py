@@ -358,8 +358,21 @@ class TrainConfig(Strict):
     save_optimizer: bool = Field(default=True, description="false: checkpoints hold the weights only (transformers' "
                                  "save_only_model), no optimizer, scheduler or RNG state: smaller, but --resume is "
                                  "refused (training could not continue exactly)")
-    bf16: bool = False
-    fp16: bool = False
+    bf16: bool | Literal["force"] = Field(default=False, description="bf16 mixed precision (student under autocast, "
+                                          "teacher cast to bf16); where the device has no native bf16 (a CPU without "
+                                          "AVX512-BF16/AMX, an old GPU) it says so and runs fp32; 'force': bf16 anyway")
+    fp16: bool = Field(default=False, description="fp16 mixed precision (CUDA only; the teacher cast to fp16)")
+    gradient_checkpointing: bool = Field(default=False, description="recompute activations in the backward pass "
+                                         "(less memory, about a third more compute); the student only")
+    optim: Literal["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit"] | None = Field(
+        default=None, description="the Trainer's optimizer; unset: its default (adamw_torch_fused with torch >= 2.8); "
+        "adamw_bnb_8bit needs bitsandbytes")
+    torch_compile: bool = Field(default=False, description="torch.compile the student (the Trainer's torch_compile)")
+    fsdp: bool = Field(default=False, description="shard the student with FSDP (under torchrun; settings in "
+                       "train.fsdp_config); the frozen teacher is not wrapped: replicated on each process, half precision with bf16/fp16")
+    fsdp_config: Path | None = Field(default=None, description="a JSON file of FSDP settings (the Trainer's fsdp_config)")
+    deepspeed: Path | None = Field(default=None, description="a DeepSpeed JSON config file (needs deepspeed); the "
+                                   "student goes to the engine, the frozen teacher stays outside it, replicated on each process")
     num_workers: int = Field(default=0, ge=0)
     group_by_length: bool = Field(default=False, description="batch similar lengths together: less padding")
 
@@ -371,9 +384,23 @@ class TrainConfig(Strict):
             if self.save_every % self.eval_every:
                 raise ValueError(f"train.save_every ({self.save_every}) must be a multiple of "
                                  f"train.eval_every ({self.eval_every}) so the best model is among the checkpoints")
+        if self.bf16 and self.fp16:
+            raise ValueError("train.bf16 and train.fp16: set one")
+        if self.fsdp_config is not None and not self.fsdp:
+            raise ValueError("train.fsdp_config: given without train.fsdp: true")
+        if self.deepspeed is not None and self.fsdp:
+            raise ValueError("train.deepspeed and train.fsdp: set one")
         if self.keep_checkpoints != "best_last" and "save_total_limit" in self.model_fields_set:
             raise ValueError(f"train.save_total_limit and train.keep_checkpoints: {self.keep_checkpoints} both say how "
                              "many checkpoints to keep; set one")
+        return self
+
+    @model_validator(mode="after")
+    def _scale_files(self, info: ValidationInfo) -> "TrainConfig":
+        for key in ("fsdp_config", "deepspeed"):
+            path = getattr(self, key)
+            if _check_files(info) and path is not None and not path.is_file():
+                raise ValueError(f"train.{key}: file '{path}' does not exist")
         return self
 
 

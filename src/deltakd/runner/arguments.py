@@ -1,4 +1,14 @@
-"""The Trainer arguments of a recipe's ``train:`` section, shared by every family."""
+"""The Trainer arguments of a recipe's ``train:`` section, shared by every family.
+
+Mixed precision and the scale switches (``train.bf16 / fp16 / gradient_checkpointing / optim /
+torch_compile / fsdp / fsdp_config / deepspeed``) go to the Trainer as they are, except:
+``bf16: true`` on a device without native bf16 (a CPU without AVX512-BF16 or AMX: emulated, several
+times slower than fp32) runs fp32 and says so in one line (``bf16: force`` keeps it); what the
+machine cannot do at all (fp16 without CUDA, a missing bitsandbytes or deepspeed) is refused in
+one line by :func:`check_scale` before anything is written. The frozen teacher is never handed to
+the Trainer: ``DistillTrainer`` moves it to each process's device in the run's half dtype, so under
+DDP, FSDP and DeepSpeed alike it is replicated (not sharded, not wrapped) on every process.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +17,53 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
+from ..errors import DeltakdError, optional_import
 from ..recipe.schema import TrainConfig
 from ..runs import RunDir
-from ..utils import cpu_only
+from ..utils import cpu_only, native_bf16, warning
+
+
+def mixed_precision(t: TrainConfig) -> tuple[bool, bool, str | None]:
+    """(bf16, fp16) as the Trainer gets them, and the line saying why a requested bf16 runs fp32."""
+    if t.bf16 is True:
+        native, device = native_bf16()
+        if not native:
+            return False, False, (f"train.bf16: {device} has no native bf16 (AVX512-BF16 / AMX), where bf16 autocast "
+                                  "runs several times slower than fp32: running fp32 (train.bf16: force to use bf16)")
+    return bool(t.bf16), t.fp16, None
+
+
+def check_scale(t: TrainConfig, is_main: bool = True) -> None:
+    """Refuse in one line what this machine cannot run (before anything is written); say (main process)
+    when a requested bf16 runs fp32."""
+    if t.fp16 and not torch.cuda.is_available():
+        raise DeltakdError("train.fp16: fp16 mixed precision needs a CUDA GPU; on this machine use train.bf16")
+    if t.optim == "adamw_bnb_8bit":
+        optional_import("bitsandbytes", "train.optim: adamw_bnb_8bit")
+    if t.deepspeed is not None:
+        optional_import("deepspeed", "train.deepspeed")
+    note = mixed_precision(t)[2]
+    if note and is_main:
+        warning(__name__, note)
+
+
+def scale_arguments(t: TrainConfig) -> dict[str, Any]:
+    """The Trainer arguments of mixed precision and the scale switches (only those the recipe sets)."""
+    bf16, fp16, _ = mixed_precision(t)
+    out: dict[str, Any] = dict(bf16=bf16, fp16=fp16)
+    if t.gradient_checkpointing:  # non-reentrant: works with frozen inputs (peft adapters, a frozen embedding)
+        out.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t.optim is not None:
+        out["optim"] = t.optim
+    if t.torch_compile:
+        out["torch_compile"] = True
+    if t.fsdp:
+        out["fsdp"] = True
+        if t.fsdp_config is not None:
+            out["fsdp_config"] = str(t.fsdp_config)
+    if t.deepspeed is not None:
+        out["deepspeed"] = str(t.deepspeed)
+    return out
 
 
 def trainer_save_limit(t: TrainConfig) -> int | None:
@@ -48,8 +102,7 @@ def training_arguments(t: TrainConfig, run: RunDir, report_to: list[str], metric
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # log a NaN loss as NaN; runner.divergence stops the run
         report_to=report_to or "none",
-        bf16=t.bf16,
-        fp16=t.fp16,
+        **scale_arguments(t),
         dataloader_num_workers=t.num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=cpu_only(),

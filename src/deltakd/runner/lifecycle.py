@@ -28,6 +28,7 @@ from ..runs.lock import FolderLock, in_use, lock_holder
 from ..runs.rundir import runs_of
 from ..trackers import RunTrackers, check_trackers
 from ..utils import cpu_only
+from .arguments import check_scale
 from .callbacks import MetricsLogCallback, compact_log_lines
 from .checkpoints import (
     ManifestCallback,
@@ -106,6 +107,7 @@ def run(recipe: Any, family: Family, resume: bool = False, init: Callable[[Prepa
     """
     check_trackers(recipe.track)
     state = distributed_state()
+    check_scale(recipe.train, state.is_main_process)  # fp16 without CUDA, a missing bitsandbytes / deepspeed
     run, lock = run_dir, None
     if resume or run is not None:  # held by the main process until results.json is written
         run, lock = claim(run, recipe, family, state)

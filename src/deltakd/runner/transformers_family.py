@@ -7,7 +7,6 @@ re-evaluation of a saved model. A family subclasses :class:`TransformersFamily` 
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -122,14 +121,30 @@ class TransformersFamily(Family):
             results.extra["distill"] = self.teacher_comparison(prep, trainer, run, eval_split, speed[eval_split])
         return results
 
+    def evaluate(self, prep: Prepared, trainer: Trainer) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+        """The student's splits, and with a teacher its evaluation on the final split, which
+        ``teacher_comparison`` (main process) reports: every process takes part, since under torchrun
+        the Trainer's evaluation is distributed (on the main process alone it would wait forever)."""
+        metrics, speed = super().evaluate(prep, trainer)
+        if prep.teacher is not None:
+            split = "test" if "test" in speed else "valid"
+            trainer.deltakd_teacher_eval = (split, self._teacher_raw(prep, split))
+        return metrics, speed
+
+    def _teacher_raw(self, prep: Prepared, split: str) -> dict[str, float]:
+        setup = prep.distill
+        teacher = setup.teacher if setup is not None else prep.teacher
+        with tempfile.TemporaryDirectory() as scratch:  # nothing in the run directory
+            return evaluate_raw(teacher, prep.tokenizer, prep.datasets[split], prep.task,
+                                prep.recipe.train.eval_batch_size, Path(scratch))
+
     def teacher_comparison(self, prep: Prepared, trainer: Trainer, run: RunDir, split: str, student_speed: float
                            ) -> dict[str, Any]:
         """The teacher on the same split with the same batch size: metrics, size, speed-up of the student."""
         setup = prep.distill
         teacher = setup.teacher if setup is not None else prep.teacher
-        raw = evaluate_raw(teacher, prep.tokenizer, prep.datasets[split], prep.task,
-                           prep.recipe.train.eval_batch_size, run.path / ".teacher-eval")
-        shutil.rmtree(run.path / ".teacher-eval", ignore_errors=True)
+        done = getattr(trainer, "deltakd_teacher_eval", None)
+        raw = done[1] if done is not None and done[0] == split else self._teacher_raw(prep, split)
         t_speed = float(raw.get("eval_samples_per_second", float("nan")))
         total, _ = count_parameters(teacher)
         return {

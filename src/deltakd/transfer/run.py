@@ -44,7 +44,8 @@ from ..runs import RunDir, latest_run, read_recipe_data
 from ..utils import atomic_save_tensors, atomic_write_json, text_digest
 from . import estimators as est
 from .fuse import fuse_modules
-from .library import SourceModule, _task_dict, build_module, delta_state, given_module, load_delta, source_recipe
+from .library import (SourceModule, _task_dict, build_module, delta_state, finished_module, given_module, load_delta,
+                      source_recipe)
 from .merging import Combine
 from .probe import ProbeData, fresh_copy, pad_dataset, probe_module
 from .recipe import TransferRecipe, load_transfer_recipe
@@ -224,7 +225,8 @@ def estimate_target(recipe: TransferRecipe, target: str, seed: int, modules: dic
     dev_after = [float(p.dev_after) for p in probes] if tuning else None
     weights = weights_from_scores(recipe, scores, dev_after, len(sources))
     result = Estimate(target, seed, sources, scores, weights, dev_after, digest)
-    atomic_write_json(path, result.to_json())
+    if lifecycle.distributed_state().is_main_process:  # under torchrun every process estimates, one writes
+        atomic_write_json(path, result.to_json())
     return result
 
 
@@ -342,9 +344,14 @@ def run_transfer(recipe: str | Path | TransferRecipe, overrides: Iterable[str] =
     bar = Progress(recipe.name, total, console)
     root = out_dir(recipe)
 
+    state = lifecycle.distributed_state()
+    main = state.is_main_process
     modules: dict[str, SourceModule] = {}
     for i, s in enumerate(spec.sources):
         bar.note(f"source module {i + 1}/{len(spec.sources)}: {s}")
+        if state.num_processes > 1 and finished_module(recipe, s) is None:
+            raise DeltakdError(f"deltakd transfer under torchrun trains the target runs only: source module '{s}' is "
+                               "not in the library yet; build the library in one process first")
         modules[s] = build_module(recipe, s, progress=progress)
 
     manifest_path = root / "runs.json"
@@ -366,7 +373,7 @@ def run_transfer(recipe: str | Path | TransferRecipe, overrides: Iterable[str] =
                 if (prev is not None and prev.finished and _same_start(manifest.get(name, {}), init_digest, srcs,
                                                                      estimate.weights.get(start), prev)
                         and not CLASSIFICATION.differences(read_recipe_data(prev), rec)):
-                    if manifest[name].get("init") != init_digest:  # an older manifest: record today's key
+                    if manifest[name].get("init") != init_digest and main:  # an older manifest: record today's key
                         manifest[name]["init"] = init_digest
                         atomic_write_json(manifest_path, manifest)
                     results = prev.read_results()
@@ -377,18 +384,24 @@ def run_transfer(recipe: str | Path | TransferRecipe, overrides: Iterable[str] =
                 # fused only for a run that trains: the reuse key above names the inputs, not the result
                 fused = None if start == "random" else given if start == GIVEN else \
                     fuse_start(recipe, srcs, estimate.weights[start], start, target_labels, seed)
-                if fused is not None:
+                if fused is not None and main:
                     _save_fused(root / "fused" / f"{name}.safetensors", fused)
                 results = lifecycle.run(rec, CLASSIFICATION, init=None if fused is None else _loader(fused))
-                manifest[name] = {"run_dir": results["run_dir"], "init": init_digest,
+                # under torchrun the main process wrote the run; the others read its results
+                run_dir = lifecycle.share(results["run_dir"] if main else "", state)
+                results = results if main else RunDir(Path(run_dir)).read_results()
+                manifest[name] = {"run_dir": run_dir, "init": init_digest,
                                   "weights": estimate.weights.get(start),
                                   "sources": estimate.sources}
-                atomic_write_json(manifest_path, manifest)
+                if main:
+                    atomic_write_json(manifest_path, manifest)
                 runs.append(target_run(target, start, seed, results, "ran"))
                 bar.done += 1
                 bar.note(f"finished {name}: {runs[-1].metric} {runs[-1].value:.4f}")
     result = TransferResult(root, starts, runs, estimates, modules)
-    result.files = write_results(result, recipe)
+    files = write_results(result, recipe) if main else {}
+    shared = lifecycle.share(json.dumps({k: str(v) for k, v in files.items()}) if main else "", state)
+    result.files = files if main else {k: Path(v) for k, v in json.loads(shared).items()}
     bar.note(f"results: {result.files['markdown']}")
     return result
 
