@@ -28,6 +28,7 @@ from ..losses import table
 from ..losses.lora import capture_lora_a_outputs
 from ..losses.terms import LossInputs
 from .cache import INDEX, TeacherCache
+from .cross_tokenizer import gather_aligned, pop_teacher_inputs
 from .heads import DistillHeads
 from .layer_map import LayerMap
 from .schedule import LossSchedule
@@ -142,6 +143,7 @@ class DistillTrainer(TermLoggingTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         idx = inputs.pop(INDEX, None)
+        own = pop_teacher_inputs(inputs)  # cross-tokenizer: the teacher's own tokens of the same text
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         epoch = float(self.state.epoch or 0.0)
@@ -161,7 +163,8 @@ class DistillTrainer(TermLoggingTrainer):
         if live:
             with torch.no_grad(), ExitStack() as stack:
                 t_cap = stack.enter_context(capture_lora_a_outputs(self.teacher, self.lora_modules)) if lora else None
-                teacher = self.teacher(**feed, output_hidden_states=hidden, output_attentions=attentions)
+                t_feed = feed if own is None else {k: own[k] for k in ("input_ids", "attention_mask")}
+                teacher = self.teacher(**t_feed, output_hidden_states=hidden, output_attentions=attentions)
             self.teacher_forwards += 1
             t_logits = teacher.logits
             t_pooled = None
@@ -169,11 +172,14 @@ class DistillTrainer(TermLoggingTrainer):
             t_logits, t_pooled = self.cache.lookup(idx, labels.device)  # (B, C), (B, n+1, H)
         else:
             t_logits, t_pooled = None, None
+        aligned = None
+        if own is not None and t_logits is not None:  # (B, Lt, Vt) -> (B, L, Vt) at the paired positions
+            t_logits, aligned = gather_aligned(t_logits, own["positions"])
         terms = self._terms(weights, LossInputs(
             kind=self.kind, student=student, labels=labels, teacher=teacher, teacher_logits=t_logits,
             teacher_pooled=t_pooled, mask=inputs.get("attention_mask"), normalizer=num_items_in_batch,
             temperature=self.temperature, jsd_beta=self.jsd_beta, pairs=pairs, heads=self.heads,
-            student_lora=s_cap, teacher_lora=t_cap, vocab=self.vocab))
+            student_lora=s_cap, teacher_lora=t_cap, vocab=self.vocab, aligned=aligned))
         loss = sum(weights[k] * v for k, v in terms.items())
         self.record_terms(terms)
         return (loss, student) if return_outputs else loss

@@ -44,7 +44,9 @@ class LossSpec:
     the teacher is in the classification teacher cache (logits and mean-pooled layers), so the
     teacher need not run. ``distribution``: it compares class distributions, so a one-output
     regression head cannot use it. ``compute``: ``LossInputs`` -> scalar tensor. ``doc``: one line
-    for the recipe schema and error messages.
+    for the recipe schema and error messages. ``any_vocab``: it reads the teacher only at positions
+    paired by text offset and assumes no shared vocabulary, so it works across tokenizers
+    (``distill.cross_tokenizer``).
     """
 
     name: str
@@ -54,6 +56,7 @@ class LossSpec:
     compute: Callable[[LossInputs], Tensor]
     doc: str
     distribution: bool = False
+    any_vocab: bool = False
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -107,6 +110,9 @@ LOSSES: dict[str, LossSpec] = _table(
              "T^2 KL(student || teacher) per token (MiniLLM)", distribution=True),
     LossSpec("jsd",          LM_ONLY,  _LOGITS,                            True,  _term("jsd"),
              "generalized Jensen-Shannon divergence per token at jsd_beta (GKD)", distribution=True),
+    LossSpec("uld",          LM_ONLY,  _LOGITS,                            False, _term("uld"),
+             "ULD: L1 between sorted next-token probabilities per aligned token (any two tokenizers)",
+             distribution=True, any_vocab=True),
     LossSpec("logits_mse",   CLS_ONLY, _LOGITS,                            True,  _term("logits_mse"),
              "MSE between raw logits (regression heads too)"),
     LossSpec("hidden_mse",   BOTH,     _TOKENS,                            False, _term("hidden_mse"),
@@ -156,6 +162,11 @@ def needing(need: str, names: Iterable[str]) -> tuple[str, ...]:
     if need not in NEEDS:
         raise ValueError(f"unknown need {need!r}; known: {sorted(NEEDS)}")
     return tuple(spec.name for spec in specs(names) if need in spec.needs)
+
+
+def across_tokenizers(names: Iterable[str]) -> tuple[str, ...]:
+    """Those of ``names`` that work across tokenizers: student-only losses and ``any_vocab`` ones."""
+    return tuple(spec.name for spec in specs(names) if not spec.needs or spec.any_vocab)
 
 
 def needs_teacher(names: Iterable[str]) -> bool:

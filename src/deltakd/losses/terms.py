@@ -40,6 +40,7 @@ class LossInputs:
     student_lora: lora.LoraACapture | None = None
     teacher_lora: lora.LoraACapture | None = None
     vocab: int | None = None  # lm: the shared tokenizer's length (logits of different widths compare up to it)
+    aligned: Tensor | None = None  # lm (B, L) bool: a teacher position ends at the same text offset (cross-tokenizer)
 
     @cached_property
     def token_mask(self) -> Tensor:
@@ -102,6 +103,13 @@ def reverse_kl(x: LossInputs) -> Tensor:
 def jsd(x: LossInputs) -> Tensor:
     return lm.generalized_jsd(*x.token_logits, x.jsd_beta, x.temperature, x.token_mask,
                               normalizer=x.normalizer)
+
+
+def uld(x: LossInputs) -> Tensor:
+    """Across tokenizers ``teacher_logits`` (B, L, Vt) hold the teacher position paired with each
+    student position; only positions with a pair (``aligned``) count."""
+    mask = x.token_mask if x.aligned is None else x.token_mask & x.aligned
+    return lm.uld(x.student.logits, x.teacher_logits, x.temperature, mask, normalizer=x.normalizer)
 
 
 def logits_mse(x: LossInputs) -> Tensor:

@@ -243,6 +243,9 @@ class DistillConfig(Strict):
                                         description="LoRA layers whose lora_A outputs lora_ild matches")
     cache_teacher: bool = Field(default=True, description="teacher logits and pooled layers cached on disk "
                                 "(classification; losses needing token-level teacher states run it live)")
+    cross_tokenizer: bool = Field(default=False, description="causal LM: the teacher may use another tokenizer; "
+                                  "it reads its own tokens of the text, positions paired by text offset, with "
+                                  "losses that need no shared vocabulary (uld, ce)")
 
     @field_validator("layer_map", mode="before")
     @classmethod
