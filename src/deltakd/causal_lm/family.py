@@ -21,7 +21,7 @@ from ..data import TaskData, TaskSpec
 from ..data.dailydialog_tasks import lm_texts
 from ..data.lm import get_or_train_tokenizer, lm_blocks_cached, read_texts
 from ..data.lm_offsets import bits_per_byte, block_bytes_cached, with_teacher_tokens
-from ..distill.cross_tokenizer import TeacherTokensCollator
+from ..distill.cross_tokenizer import TeacherTokensCollator, first_token_map
 from ..distill.setup import check_kind, make_schedule
 from ..distill.tokenizers import tokenizer_difference
 from ..errors import DeltakdError
@@ -42,6 +42,22 @@ def _texts(recipe: Recipe) -> tuple[dict[str, list[str]], dict[str, str | None]]
     if cfg.dialogue is not None:  # DailyDialog turns as documents: turn <eos> turn <eos> ...
         return lm_texts(cfg), {}
     return {split: read_texts([base / f]) for split, f in files.items() if f}, files
+
+
+def scored_tokens(model: Any, n_blocks: int, block_size: int) -> int:
+    """The number of tokens the Trainer's evaluation divides the summed next-token NLL by.
+
+    The loss sums over the ``block_size - 1`` predicted tokens of each block; transformers' Trainer
+    passes ``num_items_in_batch`` counting ``labels[..., 1:]`` only for a model whose ``loss_type``
+    is the causal-LM loss (``Trainer._loss_shifts_labels``, e.g. ``LlamaForCausalLM``) and every label
+    otherwise (``GPT2LMHeadModel`` has no ``loss_type``), so its mean is over ``block_size`` tokens
+    per block there. The same rule here, so that the total NLL is exact for either.
+    """
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    shifted = LOSS_MAPPING.get(getattr(base, "loss_type", None)) is ForCausalLMLoss
+    return n_blocks * (block_size - 1 if shifted else block_size)
 
 
 def _task(recipe: Recipe, datasets: dict[str, Any], files: dict[str, str | None]) -> TaskData:
@@ -107,17 +123,20 @@ class CausalLMFamily(TransformersFamily):
 
     def evaluate(self, prep: Prepared, trainer: Trainer) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
         metrics, speed = super().evaluate(prep, trainer)
-        return {k: self.more_metrics(prep.recipe, prep.tokenizer, k, m, prep.state[0]) for k, m in metrics.items()}, speed
+        return {k: self.more_metrics(prep.recipe, prep.tokenizer, k, m, trainer.model, prep.state[0])
+                for k, m in metrics.items()}, speed
 
-    def more_metrics(self, recipe: Recipe, tokenizer: Any, split: str, metrics: dict[str, float],
+    def more_metrics(self, recipe: Recipe, tokenizer: Any, split: str, metrics: dict[str, float], model: Any,
                      texts: dict[str, list[str]] | None = None) -> dict[str, float]:
-        """``bits_per_byte`` of the split (module docstring), from its mean token loss."""
+        """``bits_per_byte`` of the split (module docstring), from the Trainer's mean loss: the total
+        NLL is that mean times the tokens the Trainer divided by (:func:`scored_tokens`)."""
         if "loss" not in metrics or not getattr(tokenizer, "is_fast", False):
             return metrics
         texts = texts if texts is not None else _texts(recipe)[0]
         L = recipe.task.block_size
         counts = block_bytes_cached(texts[split], tokenizer, L)
-        return {**metrics, "bits_per_byte": bits_per_byte(metrics["loss"], len(counts) * (L - 1), int(counts.sum()))}
+        total_nll_tokens = scored_tokens(model, len(counts), L)
+        return {**metrics, "bits_per_byte": bits_per_byte(metrics["loss"], total_nll_tokens, int(counts.sum()))}
 
     def teacher_split(self, prep: Prepared, split: str) -> tuple[Any, Any]:
         """Across tokenizers the teacher is compared on its own blocks of the split's text."""
@@ -125,6 +144,13 @@ class CausalLMFamily(TransformersFamily):
         if own_teacher is None:
             return super().teacher_split(prep, split)
         return own_teacher, lm_blocks_cached(texts[split], own_teacher, prep.recipe.task.block_size)
+
+    def make_trainer(self, prep: Prepared, args: Any, callbacks: list) -> Trainer:
+        trainer = super().make_trainer(prep, args, callbacks)
+        own_teacher = prep.state[1]
+        if own_teacher is not None and hasattr(trainer, "vocab_map"):  # kd_mapped across tokenizers
+            trainer.vocab_map = first_token_map(own_teacher, prep.tokenizer)
+        return trainer
 
     def finish(self, prep: Prepared, trainer: Trainer, run: RunDir, results: RunResults,
                speed: dict[str, float], test: bool) -> RunResults:

@@ -9,7 +9,13 @@ as soon as one tokenizer splits a word the other keeps whole, and the drift grow
 Positions where only one tokenizer has a boundary (inside a word the other keeps whole) get no
 teacher term; the student's own cross-entropy still covers them.
 
-The loss then needs no shared vocabulary: ``uld`` (Boizard et al. 2024, Universal Logit
+Two losses need no shared vocabulary. ``kd_mapped`` maps the teacher's distribution onto the
+student's tokens (:func:`first_token_map`: each teacher token's probability goes to the first student
+token of that token's text, the token the student would emit to start the same text) and takes the
+token KL to it: it keeps which text the teacher expects, and is exact when every student token is
+no longer than the teacher token it starts (e.g. two byte-level BPEs trained on the same text, the
+smaller one's merges a prefix of the larger one's); where a student token would run past the
+teacher token, that mass lands on the student's shorter token instead. ``uld`` (Boizard et al. 2024, Universal Logit
 Distillation) compares the two distributions sorted by probability, zero-padded to the larger
 vocabulary (L1 = Wasserstein-1 over ranks). Alternatives that map vocabularies onto each other
 (exact-match token pairs, learned or minimum-edit-distance maps as in MinED / DSKD) need a
@@ -57,6 +63,23 @@ class TeacherTokensCollator:
             mask[row, :len(s)] = 1
         batch[TEACHER_IDS], batch[TEACHER_MASK] = ids, mask
         return batch
+
+
+def first_token_map(teacher_tokenizer: Any, student_tokenizer: Any) -> Tensor:
+    """(len(teacher_tokenizer),): for each teacher token, the first student token of its text; the
+    teacher's EOS maps to the student's EOS; -1 for other special tokens and for tokens whose text
+    is not whole characters (a piece of a multi-byte character)."""
+    n = len(teacher_tokenizer)
+    special = set(teacher_tokenizer.all_special_ids)
+    texts = [teacher_tokenizer.convert_tokens_to_string([t]) for t in teacher_tokenizer.convert_ids_to_tokens(range(n))]
+    firsts = student_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    out = torch.full((n,), -1, dtype=torch.long)
+    for i, (text, ids) in enumerate(zip(texts, firsts)):
+        if i not in special and ids and "\ufffd" not in text:
+            out[i] = ids[0]
+    if teacher_tokenizer.eos_token_id is not None and student_tokenizer.eos_token_id is not None:
+        out[teacher_tokenizer.eos_token_id] = student_tokenizer.eos_token_id
+    return out
 
 
 def pop_teacher_inputs(inputs: dict[str, Any]) -> dict[str, Tensor] | None:

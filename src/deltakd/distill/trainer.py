@@ -113,6 +113,7 @@ class DistillTrainer(TermLoggingTrainer):
         self.lora_modules = tuple(lora_modules)
         self.vocab = vocab  # the shared tokenizer's length: lm logits of different widths compare up to it
         self.teacher_forwards = 0  # live teacher calls, for tests and benchmarks
+        self.vocab_map: Tensor | None = None  # cross-tokenizer: teacher id -> student id (kd_mapped), set by the family
         if self.heads is not None:
             self.add_callback(ZeroHeadGrads(self.heads))
 
@@ -179,7 +180,8 @@ class DistillTrainer(TermLoggingTrainer):
             kind=self.kind, student=student, labels=labels, teacher=teacher, teacher_logits=t_logits,
             teacher_pooled=t_pooled, mask=inputs.get("attention_mask"), normalizer=num_items_in_batch,
             temperature=self.temperature, jsd_beta=self.jsd_beta, pairs=pairs, heads=self.heads,
-            student_lora=s_cap, teacher_lora=t_cap, vocab=self.vocab, aligned=aligned))
+            student_lora=s_cap, teacher_lora=t_cap, vocab=self.vocab, aligned=aligned,
+            vocab_map=None if self.vocab_map is None else self.vocab_map.to(labels.device)))
         loss = sum(weights[k] * v for k, v in terms.items())
         self.record_terms(terms)
         return (loss, student) if return_outputs else loss

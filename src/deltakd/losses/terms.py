@@ -41,6 +41,7 @@ class LossInputs:
     teacher_lora: lora.LoraACapture | None = None
     vocab: int | None = None  # lm: the shared tokenizer's length (logits of different widths compare up to it)
     aligned: Tensor | None = None  # lm (B, L) bool: a teacher position ends at the same text offset (cross-tokenizer)
+    vocab_map: Tensor | None = None  # cross-tokenizer (Vt,): the student token each teacher token maps to, -1: none
 
     @cached_property
     def token_mask(self) -> Tensor:
@@ -110,6 +111,15 @@ def uld(x: LossInputs) -> Tensor:
     student position; only positions with a pair (``aligned``) count."""
     mask = x.token_mask if x.aligned is None else x.token_mask & x.aligned
     return lm.uld(x.student.logits, x.teacher_logits, x.temperature, mask, normalizer=x.normalizer)
+
+
+def kd_mapped(x: LossInputs) -> Tensor:
+    """Like ``uld`` on the paired positions; the teacher's distribution mapped onto the student's
+    vocabulary by ``vocab_map`` (none: the same tokenizer, token i to token i)."""
+    mask = x.token_mask if x.aligned is None else x.token_mask & x.aligned
+    s, t = (x.student.logits, x.teacher_logits) if x.aligned is not None else x.token_logits
+    vocab_map = x.vocab_map if x.vocab_map is not None else torch.arange(t.shape[-1], device=t.device)
+    return lm.mapped_kl(s, t, vocab_map, x.temperature, mask, normalizer=x.normalizer)
 
 
 def logits_mse(x: LossInputs) -> Tensor:

@@ -78,7 +78,8 @@ class TransformersFamily(Family):
         check_tokenizers(tokenizer, teacher_tokenizer, make_schedule(recipe.distill).loss_names, cross)
         return tokenizer
 
-    def more_metrics(self, recipe: Any, tokenizer: Any, split: str, metrics: dict[str, float]) -> dict[str, float]:
+    def more_metrics(self, recipe: Any, tokenizer: Any, split: str, metrics: dict[str, float],
+                     model: Any) -> dict[str, float]:
         """A split's metrics with what the family adds (the causal LM: bits per byte), for the run's
         evaluation, the teacher comparison and a saved model's re-evaluation."""
         return metrics
@@ -150,7 +151,7 @@ class TransformersFamily(Family):
         total, _ = count_parameters(teacher)
         return {
             "teacher_metrics": {split: self.more_metrics(prep.recipe, tokenizer, split,
-                                                         task_metrics(raw, "eval", prep.task))},
+                                                         task_metrics(raw, "eval", prep.task), teacher)},
             "teacher_params": total,
             "teacher_eval_samples_per_second": t_speed,
             "speedup": student_speed / t_speed if t_speed > 0 else float("nan"),
@@ -170,6 +171,6 @@ class TransformersFamily(Family):
         with tempfile.TemporaryDirectory() as scratch:
             metrics = evaluate_model(model, tokenizer, datasets[split], task, batch_size or recipe.train.eval_batch_size,
                                      Path(scratch), collator=self.eval_collator(recipe, tokenizer))
-        metrics = self.more_metrics(recipe, tokenizer, split, metrics)
+        metrics = self.more_metrics(recipe, tokenizer, split, metrics, model)
         atomic_write_json(run.path / f"eval_{split}.json", {"split": split, "metrics": metrics})
         return metrics
