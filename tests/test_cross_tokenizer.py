@@ -13,9 +13,20 @@ import torch
 
 from deltakd import api
 from deltakd.data.lm import make_blocks, train_bpe_tokenizer
-from deltakd.data.lm_offsets import (TEACHER_IDS, TEACHER_POSITIONS, align_blocks, bits_per_byte, block_bytes,
-                                     cross_tokenizer_columns, token_stream)
-from deltakd.distill.cross_tokenizer import TeacherTokensCollator, first_token_map, gather_aligned
+from deltakd.data.lm_offsets import (
+    TEACHER_IDS,
+    TEACHER_POSITIONS,
+    align_blocks,
+    bits_per_byte,
+    block_bytes,
+    cross_tokenizer_columns,
+    token_stream,
+)
+from deltakd.distill.cross_tokenizer import (
+    TeacherTokensCollator,
+    first_token_map,
+    gather_aligned,
+)
 from deltakd.distill.tokenizers import check_tokenizers
 from deltakd.errors import DeltakdError
 
@@ -118,9 +129,11 @@ def test_first_token_map(bytes_tok, bpe_tok):
 
 
 def test_preflight_routes_a_different_tokenizer_only_when_asked(bytes_tok, bpe_tok):
-    with pytest.raises(DeltakdError, match=r"differs from the student's.*distill.cross_tokenizer: true with "
-                                           r"distill.losses uld"):
-        check_tokenizers(bpe_tok, bytes_tok, ["ce", "uld"])
+    with pytest.raises(DeltakdError, match=r"differs from the student's.*a model.name that shares it\)$"):
+        check_tokenizers(bpe_tok, bytes_tok, ["ce", "uld"])  # classification: no other road
+    with pytest.raises(DeltakdError, match=r"differs from the student's.*, or distill.cross_tokenizer: true with "
+                                           r"distill.losses uld or kd_mapped \(\+ ce\)$"):
+        check_tokenizers(bpe_tok, bytes_tok, ["ce", "uld"], cross_possible=True)
     with pytest.raises(DeltakdError, match=r"distill.cross_tokenizer pairs positions by text offset, but "
                                            r"distill.losses kd, hidden_mse need a shared vocabulary.*use ce, uld"):
         check_tokenizers(bpe_tok, bytes_tok, ["ce", "kd", "hidden_mse"], cross_tokenizer=True)
@@ -176,7 +189,7 @@ model: {config: {model_type: gpt2, n_layer: 2, n_embd: 32, n_head: 2, n_position
 teacher: {{run: {tmp_path / 'runs' / 't'}}}
 model: {{config: {{model_type: gpt2, n_layer: 1, n_embd: 32, n_head: 2, n_positions: 32}}, vocab_size: 1024}}
 """
-    with pytest.raises(DeltakdError, match="or, for a causal LM, distill.cross_tokenizer: true"):
+    with pytest.raises(DeltakdError, match="or distill.cross_tokenizer: true with distill.losses uld or kd_mapped"):
         api.train(write_recipe(tmp_path / "refused.yaml", student + "name: refused\n"
                                "distill: {losses: {ce: 0.5, uld: 0.5}}\n"))
     assert not (tmp_path / "runs" / "refused").exists()

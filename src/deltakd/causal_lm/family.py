@@ -89,7 +89,7 @@ class CausalLMFamily(TransformersFamily):
                                               else None)  # a student from a config alone: the teacher's
             load_own = (lambda: get_or_train_tokenizer(own, (), recipe.model.vocab_size)) if own else None
             if own is None and recipe.distill is not None and recipe.distill.cross_tokenizer:
-                load_own = lambda: get_or_train_tokenizer(None, texts["train"], recipe.model.vocab_size)  # noqa: E731
+                load_own = lambda: get_or_train_tokenizer(None, texts["train"], recipe.model.vocab_size)
             tokenizer = self.student_tokenizer(recipe, teacher_tokenizer, load_own)
         else:
             tokenizer = get_or_train_tokenizer(recipe.model.tokenizer, texts["train"], recipe.model.vocab_size)

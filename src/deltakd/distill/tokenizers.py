@@ -23,8 +23,8 @@ from ..losses import table
 PROBES = ("Hello World, THIS is a Test.", "Café naïve résumé Ångström", "e\u0301 ﬁne ＡＢＣ ½",
           "  tabs\tand   spaces\nnew line", "don't stop-me now!? (3.14) #1 $20 @user", "东京 Москва عربى")
 SPECIAL_IDS = ("pad_token_id", "eos_token_id", "bos_token_id", "cls_token_id", "sep_token_id", "unk_token_id")
-FIX = ("use a student with the teacher's tokenizer (student.from_teacher, or a model.name that shares it), "
-       "or, for a causal LM, distill.cross_tokenizer: true with distill.losses uld (+ ce)")
+FIX = "use a student with the teacher's tokenizer (student.from_teacher, or a model.name that shares it)"
+CROSS_FIX = ", or distill.cross_tokenizer: true with distill.losses uld or kd_mapped (+ ce)"
 
 
 def describe(tokenizer: Any) -> str:
@@ -63,10 +63,12 @@ def _show(tokenizer: Any, ids: list[int], limit: int = 6) -> str:
     return "[" + " ".join(map(str, tokens)) + (" ..." if len(ids) > limit else "") + "]"
 
 
-def check_tokenizers(student: Any, teacher: Any, losses: Iterable[str], cross_tokenizer: bool = False) -> bool:
-    """Whether the tokenizers differ. Different ones are refused (one line, naming both and the fix)
-    unless ``cross_tokenizer`` (``distill.cross_tokenizer``) asks for distillation across tokenizers
-    and every loss works across them (``table.across_tokenizers``)."""
+def check_tokenizers(student: Any, teacher: Any, losses: Iterable[str], cross_tokenizer: bool = False,
+                     cross_possible: bool = False) -> bool:
+    """Whether the tokenizers differ. Different ones are refused (one line, naming both and the fix;
+    with ``cross_possible``, a causal LM, the fix names ``distill.cross_tokenizer`` too) unless
+    ``cross_tokenizer`` asks for distillation across tokenizers and every loss works across them
+    (``table.across_tokenizers``)."""
     diff = tokenizer_difference(teacher, student)
     if diff is None:
         return False
@@ -85,5 +87,5 @@ def check_tokenizers(student: Any, teacher: Any, losses: Iterable[str], cross_to
         why = f"distill.losses {', '.join(positions)} compare token positions, which do not align across tokenizers"
     else:
         why = "the teacher would read the student's token ids"
-    raise DeltakdError(f"{head}; {why}: {FIX}")
+    raise DeltakdError(f"{head}; {why}: {FIX}{CROSS_FIX if cross_possible else ''}")
 

@@ -75,7 +75,8 @@ class TransformersFamily(Family):
         if own is None or (st is not None and st.from_teacher is not None):
             return teacher_tokenizer
         tokenizer = own()
-        check_tokenizers(tokenizer, teacher_tokenizer, make_schedule(recipe.distill).loss_names, cross)
+        check_tokenizers(tokenizer, teacher_tokenizer, make_schedule(recipe.distill).loss_names, cross,
+                         cross_possible=self.cross_tokenizer)
         return tokenizer
 
     def more_metrics(self, recipe: Any, tokenizer: Any, split: str, metrics: dict[str, float],
