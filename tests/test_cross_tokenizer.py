@@ -24,6 +24,7 @@ from deltakd.data.lm_offsets import (
 )
 from deltakd.distill.cross_tokenizer import (
     TeacherTokensCollator,
+    align_teacher,
     first_token_map,
     gather_aligned,
 )
@@ -106,6 +107,12 @@ def test_collator_pads_teacher_tokens_and_gather_picks_aligned_positions():
     torch.testing.assert_close(picked[0, 2], states[0, 1])
     torch.testing.assert_close(picked[1, 0], states[1, 0])
     assert float(picked[1, 1].abs().sum()) == 0.0
+    out = SimpleNamespace(logits=states, hidden_states=(states + 1, states + 2))
+    teacher, aligned2 = align_teacher(out, batch[TEACHER_POSITIONS], hidden=True)
+    assert torch.equal(aligned2, aligned) and torch.equal(teacher.logits, picked)
+    torch.testing.assert_close(teacher.hidden_states[1][0, 2], states[0, 1] + 2)
+    assert float(teacher.hidden_states[0][1, 2].abs().sum()) == 0.0
+    assert align_teacher(out, batch[TEACHER_POSITIONS], hidden=False)[0].hidden_states is None
     plain = TeacherTokensCollator(0)([{"input_ids": [1], "labels": [1]}])
     assert set(plain) == {"input_ids", "labels"}
 
@@ -135,8 +142,9 @@ def test_preflight_routes_a_different_tokenizer_only_when_asked(bytes_tok, bpe_t
                                            r"distill.losses uld or kd_mapped \(\+ ce\)$"):
         check_tokenizers(bpe_tok, bytes_tok, ["ce", "uld"], cross_possible=True)
     with pytest.raises(DeltakdError, match=r"distill.cross_tokenizer pairs positions by text offset, but "
-                                           r"distill.losses kd, hidden_mse need a shared vocabulary.*use ce, uld"):
-        check_tokenizers(bpe_tok, bytes_tok, ["ce", "kd", "hidden_mse"], cross_tokenizer=True)
+                                           r"distill.losses kd, attention_kl need a shared vocabulary.*use ce, uld, kd_mapped, "
+                                           r"hidden_mse, hidden_cos$"):
+        check_tokenizers(bpe_tok, bytes_tok, ["ce", "kd", "attention_kl"], cross_tokenizer=True)
     assert check_tokenizers(bpe_tok, bytes_tok, ["ce", "uld", "kd_mapped"], cross_tokenizer=True) is True
     assert check_tokenizers(bpe_tok, bpe_tok, ["kd"], cross_tokenizer=True) is False
     from deltakd.families import FAMILIES
@@ -194,14 +202,15 @@ model: {{config: {{model_type: gpt2, n_layer: 1, n_embd: 32, n_head: 2, n_positi
                                "distill: {losses: {ce: 0.5, uld: 0.5}}\n"))
     assert not (tmp_path / "runs" / "refused").exists()
     s = api.train(write_recipe(tmp_path / "s.yaml", student + "name: s\n"
-                               "distill: {losses: {ce: 0.5, uld: 0.5, kd_mapped: 0.5}, cross_tokenizer: true, "
+                               "distill: {losses: {ce: 0.5, uld: 0.5, kd_mapped: 0.5, hidden_mse: 0.1}, cross_tokenizer: true, "
                                "temperature: 1.0}\n"))
     s_tok = json.loads((Path(s["run_dir"]) / "model" / "config.json").read_text())["vocab_size"]
     t_tok = json.loads((Path(t["run_dir"]) / "model" / "config.json").read_text())["vocab_size"]
     assert s_tok != t_tok  # two different tokenizers
     events = [json.loads(x) for x in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     logged = [e for e in events if "loss_uld" in e]
-    assert len(logged) >= 5 and all(e["loss_uld"] > 0 and e["loss_kd_mapped"] > 0 for e in logged)
+    assert len(logged) >= 5 and all(e["loss_uld"] > 0 and e["loss_kd_mapped"] > 0 and e["loss_hidden_mse"] > 0
+                                    for e in logged)
     losses = [e["loss"] for e in logged]
     assert losses[-1] < 0.9 * losses[0], losses
     d = s["distill"]

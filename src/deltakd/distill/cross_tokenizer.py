@@ -26,11 +26,14 @@ How it runs: the student's train blocks carry the teacher's tokens of the same t
 alignment as two more columns (``data.lm_offsets.with_teacher_tokens``); :class:`TeacherTokensCollator`
 pads the teacher's tokens per batch; the ``DistillTrainer`` takes them out of the student's inputs
 (:func:`pop_teacher_inputs`), runs the teacher on them and hands the losses the teacher's logits
-gathered at the paired positions (:func:`gather_aligned`).
+gathered at the paired positions (:func:`align_teacher`); ``hidden_mse`` / ``hidden_cos`` compare
+the mapped layers' hidden states at those positions too (through the learned projection when the
+widths differ, ``heads.py``).
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -98,3 +101,12 @@ def gather_aligned(teacher: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
     index = positions.clamp_min(0).unsqueeze(-1).expand(-1, -1, teacher.shape[-1])  # (B, L, D)
     picked = teacher.gather(1, index)  # (B, L, D)
     return picked * aligned.unsqueeze(-1).to(picked.dtype), aligned
+
+
+def align_teacher(output: Any, positions: Tensor, hidden: bool) -> tuple[Any, Tensor]:
+    """The teacher's output at the positions paired with the student's (B, L): ``.logits`` (B, L, Vt)
+    and, with ``hidden``, ``.hidden_states`` (each (B, L, Ht)), zeros where unpaired; and the pairing
+    mask (B, L), which the position losses (``hidden_mse``, ``hidden_cos``) then average over."""
+    logits, aligned = gather_aligned(output.logits, positions)
+    states = tuple(gather_aligned(h, positions)[0] for h in output.hidden_states) if hidden else None
+    return SimpleNamespace(logits=logits, hidden_states=states), aligned

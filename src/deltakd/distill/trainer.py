@@ -28,7 +28,7 @@ from ..losses import table
 from ..losses.lora import capture_lora_a_outputs
 from ..losses.terms import LossInputs
 from .cache import INDEX, TeacherCache
-from .cross_tokenizer import gather_aligned, pop_teacher_inputs
+from .cross_tokenizer import align_teacher, pop_teacher_inputs
 from .heads import DistillHeads
 from .layer_map import LayerMap
 from .schedule import LossSchedule
@@ -174,11 +174,12 @@ class DistillTrainer(TermLoggingTrainer):
         else:
             t_logits, t_pooled = None, None
         aligned = None
-        if own is not None and t_logits is not None:  # (B, Lt, Vt) -> (B, L, Vt) at the paired positions
-            t_logits, aligned = gather_aligned(t_logits, own["positions"])
+        if own is not None and teacher is not None:  # (B, Lt, ...) -> (B, L, ...) at the paired positions
+            teacher, aligned = align_teacher(teacher, own["positions"], hidden)
+            t_logits = teacher.logits
         terms = self._terms(weights, LossInputs(
             kind=self.kind, student=student, labels=labels, teacher=teacher, teacher_logits=t_logits,
-            teacher_pooled=t_pooled, mask=inputs.get("attention_mask"), normalizer=num_items_in_batch,
+            teacher_pooled=t_pooled, mask=inputs.get("attention_mask") if aligned is None else aligned, normalizer=num_items_in_batch,
             temperature=self.temperature, jsd_beta=self.jsd_beta, pairs=pairs, heads=self.heads,
             student_lora=s_cap, teacher_lora=t_cap, vocab=self.vocab, aligned=aligned,
             vocab_map=None if self.vocab_map is None else self.vocab_map.to(labels.device)))

@@ -44,9 +44,8 @@ class LossSpec:
     the teacher is in the classification teacher cache (logits and mean-pooled layers), so the
     teacher need not run. ``distribution``: it compares class distributions, so a one-output
     regression head cannot use it. ``compute``: ``LossInputs`` -> scalar tensor. ``doc``: one line
-    for the recipe schema and error messages. ``any_vocab``: it reads the teacher only at positions
-    paired by text offset and assumes no shared vocabulary, so it works across tokenizers
-    (``distill.cross_tokenizer``).
+    for the recipe schema and error messages. ``any_vocab``: it needs no shared vocabulary, only
+    positions paired by text offset, so it works across tokenizers (``distill.cross_tokenizer``).
     """
 
     name: str
@@ -119,9 +118,10 @@ LOSSES: dict[str, LossSpec] = _table(
     LossSpec("logits_mse",   CLS_ONLY, _LOGITS,                            True,  _term("logits_mse"),
              "MSE between raw logits (regression heads too)"),
     LossSpec("hidden_mse",   BOTH,     _TOKENS,                            False, _term("hidden_mse"),
-             "MSE between mapped hidden states per token"),
+             "MSE between mapped hidden states per token (per aligned token across tokenizers)", any_vocab=True),
     LossSpec("hidden_cos",   BOTH,     _TOKENS,                            False, _term("hidden_cos"),
-             "1 - cosine between mapped hidden states per token"),
+             "1 - cosine between mapped hidden states per token (per aligned token across tokenizers)",
+             any_vocab=True),
     LossSpec("attention_kl", BOTH,     frozenset({ATTENTIONS, LAYER_MAP}), False, _term("attention_kl"),
              "KL(teacher || student) between mapped attention maps (same head count)"),
     LossSpec("rail_c",       CLS_ONLY, _POOLED,                            True,  _term("rail_c"),
