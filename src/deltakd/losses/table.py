@@ -109,12 +109,6 @@ LOSSES: dict[str, LossSpec] = _table(
              "T^2 KL(student || teacher) per token (MiniLLM)", distribution=True),
     LossSpec("jsd",          LM_ONLY,  _LOGITS,                            True,  _term("jsd"),
              "generalized Jensen-Shannon divergence per token at jsd_beta (GKD)", distribution=True),
-    LossSpec("uld",          LM_ONLY,  _LOGITS,                            False, _term("uld"),
-             "ULD: L1 between sorted next-token probabilities per aligned token (any two tokenizers)",
-             distribution=True, any_vocab=True),
-    LossSpec("kd_mapped",    LM_ONLY,  _LOGITS,                            False, _term("kd_mapped"),
-             "T^2 KL(teacher mapped onto the student's tokens || student) per aligned token (any two tokenizers)",
-             distribution=True, any_vocab=True),
     LossSpec("logits_mse",   CLS_ONLY, _LOGITS,                            True,  _term("logits_mse"),
              "MSE between raw logits (regression heads too)"),
     LossSpec("hidden_mse",   BOTH,     _TOKENS,                            False, _term("hidden_mse"),
@@ -130,6 +124,12 @@ LOSSES: dict[str, LossSpec] = _table(
              "RAIL-KD: layer-wise L2-normalised mean-pooled layers, projected"),
     LossSpec("lora_ild",     BOTH,     frozenset({LORA_A, LAYER_MAP}),     False, _term("lora_ild"),
              "MSE between lora_A outputs of mapped layers (LoRA student and unmerged LoRA teacher, same rank)"),
+    LossSpec("uld",          LM_ONLY,  _LOGITS,                            False, _term("uld"),
+             "ULD: L1 between sorted next-token probabilities per aligned token (any two tokenizers)",
+             distribution=True, any_vocab=True),
+    LossSpec("kd_mapped",    LM_ONLY,  _LOGITS,                            False, _term("kd_mapped"),
+             "T^2 KL(teacher mapped onto the student's tokens || student) per aligned token (any two tokenizers)",
+             distribution=True, any_vocab=True),
 )
 
 LOSS_NAMES: tuple[str, ...] = tuple(LOSSES)  # what a recipe may name, in table order
