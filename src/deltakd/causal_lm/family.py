@@ -1,5 +1,14 @@
 """``task.kind: lm`` runs: text cut into token blocks, a causal LM (from scratch, a folder or hub id,
-or a student with the teacher's layers), next-token loss or distillation, perplexity."""
+or a student with the teacher's layers), next-token loss or distillation (across tokenizers too:
+``distill.cross_tokenizer``, ``distill/cross_tokenizer.py``), perplexity and bits per byte.
+
+Bits per byte (``bits_per_byte`` in every split's metrics, the teacher comparison's and ``deltakd
+eval``'s) is the tokenizer-free figure: the total next-token NLL over the split's blocks, in nats,
+/ ln 2 / the UTF-8 bytes of the text the predicted tokens cover. Each block predicts its tokens 1 ..
+block_size - 1, so its bytes run from the end of its first token to the end of its last; an EOS
+(document boundary) counts as one byte; the tail shorter than a block is in neither count
+(``data.lm_offsets``). Perplexities of two tokenizers are per different units; bits per byte are not.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +20,10 @@ from transformers import AutoModelForCausalLM, Trainer, set_seed
 from ..data import TaskData, TaskSpec
 from ..data.dailydialog_tasks import lm_texts
 from ..data.lm import get_or_train_tokenizer, lm_blocks_cached, read_texts
+from ..data.lm_offsets import bits_per_byte, block_bytes_cached, with_teacher_tokens
+from ..distill.cross_tokenizer import TeacherTokensCollator, first_token_map
 from ..distill.setup import check_kind, make_schedule
+from ..distill.tokenizers import tokenizer_difference
 from ..errors import DeltakdError
 from ..models.causal_lm import lm_config
 from ..models.delta import Head, load_teacher
@@ -32,6 +44,22 @@ def _texts(recipe: Recipe) -> tuple[dict[str, list[str]], dict[str, str | None]]
     return {split: read_texts([base / f]) for split, f in files.items() if f}, files
 
 
+def scored_tokens(model: Any, n_blocks: int, block_size: int) -> int:
+    """The number of tokens the Trainer's evaluation divides the summed next-token NLL by.
+
+    The loss sums over the ``block_size - 1`` predicted tokens of each block; transformers' Trainer
+    passes ``num_items_in_batch`` counting ``labels[..., 1:]`` only for a model whose ``loss_type``
+    is the causal-LM loss (``Trainer._loss_shifts_labels``, e.g. ``LlamaForCausalLM``) and every label
+    otherwise (``GPT2LMHeadModel`` has no ``loss_type``), so its mean is over ``block_size`` tokens
+    per block there. The same rule here, so that the total NLL is exact for either.
+    """
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    shifted = LOSS_MAPPING.get(getattr(base, "loss_type", None)) is ForCausalLMLoss
+    return n_blocks * (block_size - 1 if shifted else block_size)
+
+
 def _task(recipe: Recipe, datasets: dict[str, Any], files: dict[str, str | None]) -> TaskData:
     base = recipe.task.data_dir or Path(".")
     spec = TaskSpec(recipe.task.name, "lm", None, ("perplexity",), (), "",
@@ -41,6 +69,7 @@ def _task(recipe: Recipe, datasets: dict[str, Any], files: dict[str, str | None]
 
 class CausalLMFamily(TransformersFamily):
     name = "lm"
+    cross_tokenizer = True
 
     def prepare(self, recipe: Recipe) -> Prepared:
         """Token blocks, tokenizer (given, the model's, the teacher's, or BPE trained on the data), model."""
@@ -59,10 +88,23 @@ class CausalLMFamily(TransformersFamily):
             own = recipe.model.tokenizer or (resolve_model_path(recipe.model.name) if recipe.model.config is None
                                               else None)  # a student from a config alone: the teacher's
             load_own = (lambda: get_or_train_tokenizer(own, (), recipe.model.vocab_size)) if own else None
+            if own is None and recipe.distill is not None and recipe.distill.cross_tokenizer:
+                load_own = lambda: get_or_train_tokenizer(None, texts["train"], recipe.model.vocab_size)
             tokenizer = self.student_tokenizer(recipe, teacher_tokenizer, load_own)
         else:
             tokenizer = get_or_train_tokenizer(recipe.model.tokenizer, texts["train"], recipe.model.vocab_size)
         datasets = {split: lm_blocks_cached(t, tokenizer, cfg.block_size) for split, t in texts.items()}
+        collator, own_teacher = None, None
+        if teacher is not None and tokenizer_difference(teacher_tokenizer, tokenizer) is not None:
+            own_teacher = teacher_tokenizer  # cross-tokenizer (the preflight let it through)
+            limit = getattr(teacher.config, "n_positions", None) or getattr(teacher.config, "max_position_embeddings",
+                                                                             None) or 2 * cfg.block_size
+            if limit < cfg.block_size:
+                raise DeltakdError(f"task.block_size: {cfg.block_size} exceeds the teacher's {limit} positions "
+                                   "(across tokenizers the teacher is compared on its own blocks of that size)")
+            datasets["train"] = with_teacher_tokens(datasets["train"], texts["train"], tokenizer, teacher_tokenizer,
+                                                    cfg.block_size, limit)
+            collator = TeacherTokensCollator(teacher_tokenizer.pad_token_id)
         model, copied = self.student_base(recipe, teacher) if teacher is not None else (None, None)
         if model is None and recipe.model.config is not None:
             config = lm_config(recipe.model.config, tokenizer, pad_token_id=tokenizer.eos_token_id)
@@ -74,10 +116,41 @@ class CausalLMFamily(TransformersFamily):
             model = load_pretrained(AutoModelForCausalLM.from_pretrained, recipe.model.name, "model",
                                     revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
         prep = Prepared(recipe, _task(recipe, datasets, files), tokenizer, datasets, model,
-                        Head(0, None, causal_lm=True), teacher)
+                        Head(0, None, causal_lm=True), teacher, collator=collator, state=(texts, own_teacher))
         if teacher is not None:
             prep.distill = self.distill_setup(prep, copied)
         return prep
+
+    def evaluate(self, prep: Prepared, trainer: Trainer) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+        metrics, speed = super().evaluate(prep, trainer)
+        return {k: self.more_metrics(prep.recipe, prep.tokenizer, k, m, trainer.model, prep.state[0])
+                for k, m in metrics.items()}, speed
+
+    def more_metrics(self, recipe: Recipe, tokenizer: Any, split: str, metrics: dict[str, float], model: Any,
+                     texts: dict[str, list[str]] | None = None) -> dict[str, float]:
+        """``bits_per_byte`` of the split (module docstring), from the Trainer's mean loss: the total
+        NLL is that mean times the tokens the Trainer divided by (:func:`scored_tokens`)."""
+        if "loss" not in metrics or not getattr(tokenizer, "is_fast", False):
+            return metrics
+        texts = texts if texts is not None else _texts(recipe)[0]
+        L = recipe.task.block_size
+        counts = block_bytes_cached(texts[split], tokenizer, L)
+        total_nll_tokens = scored_tokens(model, len(counts), L)
+        return {**metrics, "bits_per_byte": bits_per_byte(metrics["loss"], total_nll_tokens, int(counts.sum()))}
+
+    def teacher_split(self, prep: Prepared, split: str) -> tuple[Any, Any]:
+        """Across tokenizers the teacher is compared on its own blocks of the split's text."""
+        texts, own_teacher = prep.state
+        if own_teacher is None:
+            return super().teacher_split(prep, split)
+        return own_teacher, lm_blocks_cached(texts[split], own_teacher, prep.recipe.task.block_size)
+
+    def make_trainer(self, prep: Prepared, args: Any, callbacks: list) -> Trainer:
+        trainer = super().make_trainer(prep, args, callbacks)
+        own_teacher = prep.state[1]
+        if own_teacher is not None and hasattr(trainer, "vocab_map"):  # kd_mapped across tokenizers
+            trainer.vocab_map = first_token_map(own_teacher, prep.tokenizer)
+        return trainer
 
     def finish(self, prep: Prepared, trainer: Trainer, run: RunDir, results: RunResults,
                speed: dict[str, float], test: bool) -> RunResults:

@@ -177,7 +177,7 @@ def prepare_distill(d: DistillConfig, student: nn.Module, teacher: nn.Module, ki
     if cache is not None:
         if int(cache.logits.shape[1]) != num_labels:
             raise DeltakdError(f"teacher cache: {cache.logits.shape[1]} logits per example, the task has {num_labels}")
-    elif d.cache_teacher and kind == table.LM and served:
+    elif d.cache_teacher and kind == table.LM and served and not d.cross_tokenizer:  # its top-k: the student's ids
         with PartialState().main_process_first():
             cache = lm_cache.load_or_build(teacher.to(device), datasets["train"], tokenizer, d.top_k, d.temperature,
                                            compared_width(student, teacher, tokenizer), batch_size, device)

@@ -5,7 +5,9 @@ Tokenizers are compared, not the models' ``config.vocab_size``: a model whose em
 (padding) rows over the same tokenizer passes. Different tokenizers are refused with one line before
 any work: logit losses would compare distributions over different vocabularies, hidden-state and
 attention losses token positions that do not align, and the teacher comparison would feed the
-teacher the student's ids.
+teacher the student's ids. A causal-LM recipe with ``distill.cross_tokenizer: true`` takes the
+other road (``cross_tokenizer.py``): the teacher reads its own tokens, positions are paired by
+text offset, and only losses that need no shared vocabulary (``uld``, ``ce``) are allowed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ PROBES = ("Hello World, THIS is a Test.", "Café naïve résumé Ångström", "e
           "  tabs\tand   spaces\nnew line", "don't stop-me now!? (3.14) #1 $20 @user", "东京 Москва عربى")
 SPECIAL_IDS = ("pad_token_id", "eos_token_id", "bos_token_id", "cls_token_id", "sep_token_id", "unk_token_id")
 FIX = "use a student with the teacher's tokenizer (student.from_teacher, or a model.name that shares it)"
+CROSS_FIX = ", or distill.cross_tokenizer: true with distill.losses uld or kd_mapped (+ ce)"
 
 
 def describe(tokenizer: Any) -> str:
@@ -60,19 +63,29 @@ def _show(tokenizer: Any, ids: list[int], limit: int = 6) -> str:
     return "[" + " ".join(map(str, tokens)) + (" ..." if len(ids) > limit else "") + "]"
 
 
-def check_tokenizers(student: Any, teacher: Any, losses: Iterable[str]) -> None:
-    """Refuse (one line) a teacher whose tokenizer differs from the student's, naming both and the fix."""
+def check_tokenizers(student: Any, teacher: Any, losses: Iterable[str], cross_tokenizer: bool = False,
+                     cross_possible: bool = False) -> bool:
+    """Whether the tokenizers differ. Different ones are refused (one line, naming both and the fix;
+    with ``cross_possible``, a causal LM, the fix names ``distill.cross_tokenizer`` too) unless
+    ``cross_tokenizer`` asks for distillation across tokenizers and every loss works across them
+    (``table.across_tokenizers``)."""
     diff = tokenizer_difference(teacher, student)
     if diff is None:
-        return
+        return False
     names = set(losses)
     head = (f"teacher: its tokenizer {describe(teacher)} differs from the student's {describe(student)} "
             f"({diff}, teacher vs student)")
+    if cross_tokenizer:
+        if bad := tuple(n for n in table.LOSSES if n in names and n not in table.across_tokenizers(names)):
+            ok = tuple(n for n in table.names_for(table.LM) if n in table.across_tokenizers(table.LOSSES))
+            raise DeltakdError(f"{head}; distill.cross_tokenizer pairs positions by text offset, but distill.losses "
+                               f"{', '.join(bad)} need a shared vocabulary or layer positions: use {', '.join(ok)}")
+        return True
     if logit := table.needing(table.TEACHER_LOGITS, names):
         why = f"distill.losses {', '.join(logit)} compare distributions over the teacher's vocabulary"
     elif positions := tuple(n for n in table.LOSSES if n in names and table.LOSSES[n].needs):
         why = f"distill.losses {', '.join(positions)} compare token positions, which do not align across tokenizers"
     else:
         why = "the teacher would read the student's token ids"
-    raise DeltakdError(f"{head}; {why}: {FIX}")
+    raise DeltakdError(f"{head}; {why}: {FIX}{CROSS_FIX if cross_possible else ''}")
 

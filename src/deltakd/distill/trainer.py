@@ -31,6 +31,7 @@ from ..losses.lora import capture_lora_a_outputs
 from ..losses.terms import LossInputs
 from .cache import INDEX, TeacherCache
 from .fused_head import FUSABLE, chunked_terms, head_input, use_chunked
+from .cross_tokenizer import align_teacher, pop_teacher_inputs
 from .heads import DistillHeads
 from .layer_map import LayerMap
 from .lm_cache import LMTeacherCache
@@ -132,6 +133,7 @@ class DistillTrainer(TermLoggingTrainer):
         self.chunked = kind == "lm" and use_chunked(chunked, self.accelerator.unwrap_model(self.model),
                                                     self.teacher, vocab)
         self.chunk_tokens = chunk_tokens
+        self.vocab_map: Tensor | None = None  # cross-tokenizer: teacher id -> student id (kd_mapped), set by the family
         if self.heads is not None:
             self.add_callback(ZeroHeadGrads(self.heads))
 
@@ -162,6 +164,7 @@ class DistillTrainer(TermLoggingTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         idx = inputs.pop(INDEX, None)
+        own = pop_teacher_inputs(inputs)  # cross-tokenizer: the teacher's own tokens of the same text
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         epoch = float(self.state.epoch or 0.0)
@@ -174,7 +177,8 @@ class DistillTrainer(TermLoggingTrainer):
         feed = {k: v for k, v in inputs.items() if k != "labels"}
         need_teacher = table.needs_teacher(weights)  # a student-only loss needs no teacher outputs
         live = need_teacher and (self.cache is None or idx is None or not self.cache.serves(weights))
-        fused = self._fused_names(weights, live or not need_teacher)
+        # fused LM-head losses read both models at the same positions: not across tokenizers
+        fused = self._fused_names(weights, live or not need_teacher) if own is None else ()
         with ExitStack() as stack:
             s_cap = stack.enter_context(capture_lora_a_outputs(model, self.lora_modules)) if lora else None
             s_in = stack.enter_context(head_input(self.accelerator.unwrap_model(model))) if fused else None
@@ -184,7 +188,8 @@ class DistillTrainer(TermLoggingTrainer):
             with torch.no_grad(), ExitStack() as stack:
                 t_cap = stack.enter_context(capture_lora_a_outputs(self.teacher, self.lora_modules)) if lora else None
                 t_in = stack.enter_context(head_input(self.teacher)) if fused else None
-                teacher = self.teacher(**feed, output_hidden_states=hidden, output_attentions=attentions)
+                t_feed = feed if own is None else {k: own[k] for k in ("input_ids", "attention_mask")}
+                teacher = self.teacher(**t_feed, output_hidden_states=hidden, output_attentions=attentions)
             self.teacher_forwards += 1
             t_logits = None if fused else teacher.logits
             t_pooled = None
@@ -198,11 +203,17 @@ class DistillTrainer(TermLoggingTrainer):
             t_logits, t_pooled = self.cache.lookup(idx, labels.device)  # (B, C), (B, n+1, H)
         else:
             t_logits, t_pooled = None, None
+        aligned = None
+        if own is not None and teacher is not None:  # (B, Lt, ...) -> (B, L, ...) at the paired positions
+            teacher, aligned = align_teacher(teacher, own["positions"], hidden)
+            t_logits = teacher.logits
         terms = self._terms({k: w for k, w in weights.items() if k not in fused}, LossInputs(
             kind=self.kind, student=student, labels=labels, teacher=teacher, teacher_logits=t_logits,
-            teacher_pooled=t_pooled, mask=inputs.get("attention_mask"), normalizer=num_items_in_batch,
+            teacher_pooled=t_pooled, mask=inputs.get("attention_mask") if aligned is None else aligned,
+            normalizer=num_items_in_batch,
             temperature=self.temperature, jsd_beta=self.jsd_beta, pairs=pairs, heads=self.heads,
-            student_lora=s_cap, teacher_lora=t_cap, vocab=self.vocab, teacher_topk=t_topk))
+            student_lora=s_cap, teacher_lora=t_cap, vocab=self.vocab, teacher_topk=t_topk, aligned=aligned,
+            vocab_map=None if self.vocab_map is None else self.vocab_map.to(labels.device)))
         loss = sum(weights[k] * v for k, v in terms.items())
         if fused:
             fused_loss, fused_terms = chunked_terms(

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .common import check_same_shape, check_temperature, normalised_token_sum
 
-__all__ = ["next_token_mask", "token_kl", "generalized_jsd", "lm_ce"]
+__all__ = ["next_token_mask", "token_kl", "generalized_jsd", "lm_ce", "uld", "mapped_kl"]
 
 
 def next_token_mask(labels: Tensor, ignore_index: int = -100) -> Tensor:
@@ -109,3 +109,64 @@ def lm_ce(
     if normalizer is None:
         return total / (labels != ignore_index).sum().clamp_min(1)
     return total / normalizer
+
+
+def uld(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    normalizer: float | Tensor | None = None,
+) -> Tensor:
+    """Universal Logit Distillation (Boizard et al. 2024): per token, the L1 distance between the
+    student's and the teacher's next-token probabilities each sorted in decreasing order, the shorter
+    vector zero-padded to the longer vocabulary. It needs no shared vocabulary: it compares the
+    shapes of the two distributions (the Wasserstein-1 distance between them when tokens are placed
+    by rank, one unit apart), not which token gets which mass.
+
+    Logits (B, L, Vs) and (B, L, Vt), already paired position by position; ``softmax(logits / T)``;
+    no ``T^2`` factor. Summed over valid tokens (``mask`` (B, L)), divided by ``normalizer``
+    (default: the number of valid tokens). Computed in float32.
+    """
+    check_temperature(temperature)
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(f"uld: student positions {tuple(student_logits.shape[:-1])} != teacher positions "
+                         f"{tuple(teacher_logits.shape[:-1])}")
+    p_s = F.softmax(student_logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values  # (B, L, Vs)
+    p_t = F.softmax(teacher_logits.float() / temperature, dim=-1).sort(dim=-1, descending=True).values  # (B, L, Vt)
+    width = max(p_s.shape[-1], p_t.shape[-1])
+    p_s = F.pad(p_s, (0, width - p_s.shape[-1]))  # (B, L, V)
+    p_t = F.pad(p_t, (0, width - p_t.shape[-1]))  # (B, L, V)
+    per_token = (p_s - p_t).abs().sum(-1)  # (B, L)
+    return normalised_token_sum(per_token, mask, normalizer)
+
+
+def mapped_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    vocab_map: Tensor,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    normalizer: float | Tensor | None = None,
+) -> Tensor:
+    """Token KL to a teacher over another vocabulary, its distribution mapped onto the student's.
+
+    ``vocab_map`` (Vt',) gives for each teacher token the student token that receives its
+    probability (-1: none; a map shorter than the teacher's logits leaves the extra rows out). The
+    mapped teacher distribution (B, L, Vs), renormalised over the mass that found a student token,
+    is the target of ``T^2 KL(target || p_S)`` (:func:`token_kl` with the teacher mapped).
+    Logits (B, L, Vs) and (B, L, Vt) paired position by position; normalised per valid token.
+    """
+    check_temperature(temperature)
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(f"mapped_kl: student positions {tuple(student_logits.shape[:-1])} != teacher positions "
+                         f"{tuple(teacher_logits.shape[:-1])}")
+    n_t = min(teacher_logits.shape[-1], vocab_map.shape[0])
+    p_t = F.softmax(teacher_logits.float() / temperature, dim=-1)[..., :n_t]  # (B, L, Vt)
+    keep = vocab_map[:n_t] >= 0  # (Vt,)
+    target = p_t.new_zeros(student_logits.shape)  # (B, L, Vs)
+    target.index_add_(-1, vocab_map[:n_t][keep], p_t[..., keep])
+    target = target / target.sum(-1, keepdim=True).clamp_min(1e-12)  # (B, L, Vs)
+    s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, L, Vs)
+    per_token = (torch.xlogy(target, target) - target * s_logp).sum(-1)  # KL(target || p_S) (B, L)
+    return normalised_token_sum(per_token, mask, normalizer) * temperature**2

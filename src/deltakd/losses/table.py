@@ -49,7 +49,8 @@ class LossSpec:
     ``distill/token_cache.py``); the ``cacheable`` entries are served by it too (pooled layers are
     pooled from its tokens). ``distribution``: it compares class distributions, so a one-output
     regression head cannot use it. ``compute``: ``LossInputs`` -> scalar tensor. ``doc``: one line
-    for the recipe schema and error messages.
+    for the recipe schema and error messages. ``any_vocab``: it needs no shared vocabulary, only
+    positions paired by text offset, so it works across tokenizers (``distill.cross_tokenizer``).
     """
 
     name: str
@@ -60,6 +61,7 @@ class LossSpec:
     doc: str
     distribution: bool = False
     token_cache: bool = False
+    any_vocab: bool = False
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -118,9 +120,11 @@ LOSSES: dict[str, LossSpec] = _table(
     LossSpec("logits_mse",   CLS_ONLY, _LOGITS,                            True,  _term("logits_mse"),
              "MSE between raw logits (regression heads too)"),
     LossSpec("hidden_mse",   BOTH,     _TOKENS,                            False, _term("hidden_mse"),
-             "MSE between mapped hidden states per token", token_cache=True),
+             "MSE between mapped hidden states per token (per aligned token across tokenizers)",
+             any_vocab=True, token_cache=True),
     LossSpec("hidden_cos",   BOTH,     _TOKENS,                            False, _term("hidden_cos"),
-             "1 - cosine between mapped hidden states per token", token_cache=True),
+             "1 - cosine between mapped hidden states per token (per aligned token across tokenizers)",
+             any_vocab=True, token_cache=True),
     LossSpec("attention_kl", BOTH,     frozenset({ATTENTIONS, LAYER_MAP}), False, _term("attention_kl"),
              "KL(teacher || student) between mapped attention maps (same head count)", token_cache=True),
     LossSpec("rail_c",       CLS_ONLY, _POOLED,                            True,  _term("rail_c"),
@@ -129,6 +133,12 @@ LOSSES: dict[str, LossSpec] = _table(
              "RAIL-KD: layer-wise L2-normalised mean-pooled layers, projected"),
     LossSpec("lora_ild",     BOTH,     frozenset({LORA_A, LAYER_MAP}),     False, _term("lora_ild"),
              "MSE between lora_A outputs of mapped layers (LoRA student and unmerged LoRA teacher, same rank)"),
+    LossSpec("uld",          LM_ONLY,  _LOGITS,                            False, _term("uld"),
+             "ULD: L1 between sorted next-token probabilities per aligned token (any two tokenizers)",
+             distribution=True, any_vocab=True),
+    LossSpec("kd_mapped",    LM_ONLY,  _LOGITS,                            False, _term("kd_mapped"),
+             "T^2 KL(teacher mapped onto the student's tokens || student) per aligned token (any two tokenizers)",
+             distribution=True, any_vocab=True),
 )
 
 LOSS_NAMES: tuple[str, ...] = tuple(LOSSES)  # what a recipe may name, in table order
@@ -164,6 +174,11 @@ def needing(need: str, names: Iterable[str]) -> tuple[str, ...]:
     if need not in NEEDS:
         raise ValueError(f"unknown need {need!r}; known: {sorted(NEEDS)}")
     return tuple(spec.name for spec in specs(names) if need in spec.needs)
+
+
+def across_tokenizers(names: Iterable[str]) -> tuple[str, ...]:
+    """Those of ``names`` that work across tokenizers: student-only losses and ``any_vocab`` ones."""
+    return tuple(spec.name for spec in specs(names) if not spec.needs or spec.any_vocab)
 
 
 def needs_teacher(names: Iterable[str]) -> bool:

@@ -41,6 +41,8 @@ class LossInputs:
     teacher_lora: lora.LoraACapture | None = None
     vocab: int | None = None  # lm: the shared tokenizer's length (logits of different widths compare up to it)
     teacher_topk: Any = None  # lm: the cached sparse teacher (.ids, .logp (B, L, k), .tail (B, L), .width), or None
+    aligned: Tensor | None = None  # lm (B, L) bool: a teacher position ends at the same text offset (cross-tokenizer)
+    vocab_map: Tensor | None = None  # cross-tokenizer (Vt,): the student token each teacher token maps to, -1: none
 
     @cached_property
     def token_mask(self) -> Tensor:
@@ -117,6 +119,22 @@ def jsd(x: LossInputs) -> Tensor:
                                                 normalizer=x.normalizer)
     return lm.generalized_jsd(*x.token_logits, x.jsd_beta, x.temperature, x.token_mask,
                               normalizer=x.normalizer)
+
+
+def uld(x: LossInputs) -> Tensor:
+    """Across tokenizers ``teacher_logits`` (B, L, Vt) hold the teacher position paired with each
+    student position; only positions with a pair (``aligned``) count."""
+    mask = x.token_mask if x.aligned is None else x.token_mask & x.aligned
+    return lm.uld(x.student.logits, x.teacher_logits, x.temperature, mask, normalizer=x.normalizer)
+
+
+def kd_mapped(x: LossInputs) -> Tensor:
+    """Like ``uld`` on the paired positions; the teacher's distribution mapped onto the student's
+    vocabulary by ``vocab_map`` (none: the same tokenizer, token i to token i)."""
+    mask = x.token_mask if x.aligned is None else x.token_mask & x.aligned
+    s, t = (x.student.logits, x.teacher_logits) if x.aligned is not None else x.token_logits
+    vocab_map = x.vocab_map if x.vocab_map is not None else torch.arange(t.shape[-1], device=t.device)
+    return lm.mapped_kl(s, t, vocab_map, x.temperature, mask, normalizer=x.normalizer)
 
 
 def logits_mse(x: LossInputs) -> Tensor:

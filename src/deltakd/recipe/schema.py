@@ -255,6 +255,9 @@ class DistillConfig(Strict):
         "chunk_tokens tokens at a time, without full logits (same values); auto: on at a vocabulary of 32,768 or more")
     chunk_tokens: int | None = Field(default=None, gt=0, description="tokens per chunk when chunked; default about "
                                      "32M logits per chunk (1,024 tokens at a 32k vocabulary)")
+    cross_tokenizer: bool = Field(default=False, description="causal LM: the teacher may use another tokenizer; "
+                                  "it reads its own tokens of the text, positions paired by text offset, with "
+                                  "losses that need no shared vocabulary (uld, ce)")
 
     @field_validator("layer_map", mode="before")
     @classmethod

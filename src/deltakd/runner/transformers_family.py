@@ -33,6 +33,8 @@ from .lifecycle import distributed_state
 class TransformersFamily(Family):
     """Defaults for a transformers model + delta module (+ teacher); see the module docstring."""
 
+    cross_tokenizer = False  # whether the family distils across tokenizers (distill.cross_tokenizer)
+
     def validate(self, data: dict[str, Any], source: str = "recipe", check_files: bool = True) -> Recipe:
         """The generic recipe model (:class:`deltakd.recipe.Recipe`) these families share."""
         return validate(data, source=source, check_files=check_files)
@@ -62,13 +64,29 @@ class TransformersFamily(Family):
     def student_tokenizer(self, recipe: Any, teacher_tokenizer: Any, own: Any) -> Any:
         """The tokenizer the data is tokenised with: the teacher's for a student built from the teacher
         (``own`` is None, or the recipe has ``student.from_teacher``), else the student's own (``own()``),
-        which must read ids as the teacher's does (checked here, before any work)."""
+        which must read ids as the teacher's does (checked here, before any work), unless the recipe
+        distils across tokenizers (``distill.cross_tokenizer``, families that support it)."""
         st = recipe.student
+        cross = recipe.distill is not None and recipe.distill.cross_tokenizer
+        if cross and not self.cross_tokenizer:
+            raise DeltakdError(f"distill.cross_tokenizer: applies to causal-LM distillation (task.kind: lm), "
+                               f"not to a {self.name} run")
         if own is None or (st is not None and st.from_teacher is not None):
             return teacher_tokenizer
         tokenizer = own()
-        check_tokenizers(tokenizer, teacher_tokenizer, make_schedule(recipe.distill).loss_names)
+        check_tokenizers(tokenizer, teacher_tokenizer, make_schedule(recipe.distill).loss_names, cross,
+                         cross_possible=self.cross_tokenizer)
         return tokenizer
+
+    def more_metrics(self, recipe: Any, tokenizer: Any, split: str, metrics: dict[str, float],
+                     model: Any) -> dict[str, float]:
+        """A split's metrics with what the family adds (the causal LM: bits per byte), for the run's
+        evaluation, the teacher comparison and a saved model's re-evaluation."""
+        return metrics
+
+    def teacher_split(self, prep: Prepared, split: str) -> tuple[Any, Any]:
+        """The teacher's tokenizer and data for the teacher comparison (default: the student's)."""
+        return prep.tokenizer, prep.datasets[split]
 
     @staticmethod
     def _distill_args(prep: Prepared, copied: list[int] | None) -> tuple[Any, ...]:
@@ -134,8 +152,9 @@ class TransformersFamily(Family):
     def _teacher_raw(self, prep: Prepared, split: str) -> dict[str, float]:
         setup = prep.distill
         teacher = setup.teacher if setup is not None else prep.teacher
+        tokenizer, data = self.teacher_split(prep, split)  # cross-tokenizer: the teacher's own tokens
         with tempfile.TemporaryDirectory() as scratch:  # nothing in the run directory
-            return evaluate_raw(teacher, prep.tokenizer, prep.datasets[split], prep.task,
+            return evaluate_raw(teacher, tokenizer, data, prep.task,
                                 prep.recipe.train.eval_batch_size, Path(scratch))
 
     def teacher_comparison(self, prep: Prepared, trainer: Trainer, run: RunDir, split: str, student_speed: float
@@ -143,12 +162,14 @@ class TransformersFamily(Family):
         """The teacher on the same split with the same batch size: metrics, size, speed-up of the student."""
         setup = prep.distill
         teacher = setup.teacher if setup is not None else prep.teacher
+        tokenizer, _ = self.teacher_split(prep, split)
         done = getattr(trainer, "deltakd_teacher_eval", None)
         raw = done[1] if done is not None and done[0] == split else self._teacher_raw(prep, split)
         t_speed = float(raw.get("eval_samples_per_second", float("nan")))
         total, _ = count_parameters(teacher)
         return {
-            "teacher_metrics": {split: task_metrics(raw, "eval", prep.task)},
+            "teacher_metrics": {split: self.more_metrics(prep.recipe, tokenizer, split,
+                                                         task_metrics(raw, "eval", prep.task), teacher)},
             "teacher_params": total,
             "teacher_eval_samples_per_second": t_speed,
             "speedup": student_speed / t_speed if t_speed > 0 else float("nan"),
@@ -169,5 +190,6 @@ class TransformersFamily(Family):
         with tempfile.TemporaryDirectory() as scratch:
             metrics = evaluate_model(model, tokenizer, datasets[split], task, batch_size or recipe.train.eval_batch_size,
                                      Path(scratch), collator=self.eval_collator(recipe, tokenizer))
+        metrics = self.more_metrics(recipe, tokenizer, split, metrics, model)
         atomic_write_json(run.path / f"eval_{split}.json", {"split": split, "metrics": metrics})
         return metrics
