@@ -32,6 +32,19 @@ def _texts(recipe: Recipe) -> tuple[dict[str, list[str]], dict[str, str | None]]
     return {split: read_texts([base / f]) for split, f in files.items() if f}, files
 
 
+def _own_tokenizer(recipe: Recipe) -> tuple[str | None, str | None]:
+    """Where the model's own tokenizer loads from, and at which revision: ``model.tokenizer``, else a
+    pretrained ``model.name``'s (alias, folder or hub id at ``model.revision``); None for a model built
+    from ``model.config`` alone (a BPE trained on the data, or with a teacher the teacher's)."""
+    m = recipe.model
+    if m.tokenizer:
+        return m.tokenizer, None
+    if m.config is None:
+        path = resolve_model_path(m.name)
+        return path, m.revision if path == m.name else None
+    return None, None
+
+
 def _task(recipe: Recipe, datasets: dict[str, Any], files: dict[str, str | None]) -> TaskData:
     base = recipe.task.data_dir or Path(".")
     spec = TaskSpec(recipe.task.name, "lm", None, ("perplexity",), (), "",
@@ -56,12 +69,13 @@ class CausalLMFamily(TransformersFamily):
             teacher, teacher_tokenizer = load_teacher(recipe.teacher, causal_lm=True)
             if teacher_tokenizer.pad_token is None:  # as the student's own gets it (data.lm)
                 teacher_tokenizer.pad_token = teacher_tokenizer.eos_token
-            own = recipe.model.tokenizer or (resolve_model_path(recipe.model.name) if recipe.model.config is None
-                                              else None)  # a student from a config alone: the teacher's
-            load_own = (lambda: get_or_train_tokenizer(own, (), recipe.model.vocab_size)) if own else None
+            own, revision = _own_tokenizer(recipe)  # a student from a config alone: the teacher's
+            load_own = (lambda: get_or_train_tokenizer(own, (), recipe.model.vocab_size, revision=revision)) \
+                if own else None
             tokenizer = self.student_tokenizer(recipe, teacher_tokenizer, load_own)
         else:
-            tokenizer = get_or_train_tokenizer(recipe.model.tokenizer, texts["train"], recipe.model.vocab_size)
+            own, revision = _own_tokenizer(recipe)
+            tokenizer = get_or_train_tokenizer(own, texts["train"], recipe.model.vocab_size, revision=revision)
         datasets = {split: lm_blocks_cached(t, tokenizer, cfg.block_size) for split, t in texts.items()}
         model, copied = self.student_base(recipe, teacher) if teacher is not None else (None, None)
         if model is None and recipe.model.config is not None:

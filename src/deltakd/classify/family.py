@@ -38,7 +38,7 @@ def teacher_head_config(cfg: Any) -> Any:
     """The teacher's head (``num_labels``, ``id2label``) without loading its weights: a hub/model
     config, or a deltakd run's model metadata."""
     if cfg.run is None:
-        return load_pretrained(AutoConfig.from_pretrained, cfg.model, "teacher.model")
+        return load_pretrained(AutoConfig.from_pretrained, cfg.model, "teacher.model", revision=cfg.revision)
     meta = read_meta(find_model_dir(cfg.run))
     return SimpleNamespace(num_labels=meta["num_labels"], id2label=dict(enumerate(meta["labels"] or ())))
 

@@ -87,7 +87,8 @@ def load_causal_lm(recipe: Recipe, check: Callable[[Any], None] | None = None) -
     folder = _model_folder(mc.name)
     where = str(folder) if folder is not None else mc.name
     kw = dict(revision=mc.revision, trust_remote_code=mc.trust_remote_code) if folder is None else {}
-    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, mc.tokenizer or where, "tokenizer", **kw)
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, mc.tokenizer or where, "tokenizer",
+                                **({} if mc.tokenizer else kw))  # model.revision is the model's, not model.tokenizer's
     if check is not None:
         check(load_pretrained(AutoConfig.from_pretrained, where, "model", **kw))
     model = load_pretrained(AutoModelForCausalLM.from_pretrained, where, "model", **kw)

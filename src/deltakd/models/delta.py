@@ -241,6 +241,8 @@ def save_trained(model: torch.nn.Module, directory: Path, cfg: PeftConfig, model
     meta: dict[str, Any] = {"base_model": base_path, "method": cfg.method, "problem_type": head.problem_type,
                             "num_labels": head.num_labels, "labels": list(head.labels) if head.labels else None,
                             "label_names": list(head.names) if head.names else None}
+    if model_cfg.revision and not Path(base_path).is_absolute():  # a hub id pinned to a revision: reload that one
+        meta["base_revision"] = model_cfg.revision
     if isinstance(cfg, FullFT) or (isinstance(cfg, LoraPeft) and cfg.full):
         plain = model.merge_and_unload() if isinstance(cfg, LoraPeft) else model
         plain.save_pretrained(tmp)
@@ -297,7 +299,8 @@ def load_trained(directory: str | Path, merged: bool = False) -> tuple[torch.nn.
             model = AutoModelForCausalLM.from_pretrained(directory)
         elif fmt == "peft":  # an adapter on a causal LM (dialogue): the base from its folder or hub id
 
-            base = load_pretrained(AutoModelForCausalLM.from_pretrained, meta["base_model"], "base model")
+            base = load_pretrained(AutoModelForCausalLM.from_pretrained, meta["base_model"], "base model",
+                                   revision=meta.get("base_revision"))
             if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # added tokens (act tokens)
                 base.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows come with the adapter
             model = PeftModel.from_pretrained(base, directory)
@@ -309,7 +312,8 @@ def load_trained(directory: str | Path, merged: bool = False) -> tuple[torch.nn.
         model = AutoModelForSequenceClassification.from_pretrained(directory)
     else:
         base = load_pretrained(AutoModelForSequenceClassification.from_pretrained, meta["base_model"], "base model",
-                               ignore_mismatched_sizes=True, **head.config_kwargs())
+                               revision=meta.get("base_revision"), ignore_mismatched_sizes=True,
+                               **head.config_kwargs())
         if fmt == "peft":
             accept_past_key_values(base)  # prefix tuning (a no-op otherwise)
             model = PeftModel.from_pretrained(base, directory)
@@ -341,8 +345,9 @@ def load_teacher(cfg: Any, causal_lm: bool) -> tuple[torch.nn.Module, Any]:
         return load_trained(find_model_dir(cfg.run), merged=cfg.merged)
 
     loader = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
-    model = load_pretrained(loader.from_pretrained, cfg.model, "teacher.model")
-    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, cfg.model, "teacher tokenizer")
+    revision = getattr(cfg, "revision", None)
+    model = load_pretrained(loader.from_pretrained, cfg.model, "teacher.model", revision=revision)
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, cfg.model, "teacher tokenizer", revision=revision)
     return model.eval(), tokenizer
 
 
