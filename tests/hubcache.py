@@ -25,6 +25,7 @@ GPT2 = f"{ORG}/tiny-gpt2"                # 2-layer GPT-2, byte-level BPE; embedd
 GPT2_STUDENT = f"{ORG}/tiny-gpt2-1l"     # 1 layer, the same BPE; embedding padded to 384 rows
 GPT2_OTHER = f"{ORG}/tiny-gpt2-otherbpe"  # 1 layer, another BPE (different tokenizer)
 SENTENCE = f"{ORG}/tiny-sentence"        # a sentence-transformers folder (Transformer + mean pooling)
+PINNED = f"{ORG}/tiny-gpt2-pinned"       # GPT2's files under the tag ``v1`` only (no ``main``): loads only at v1
 
 
 def commit_of(folder: Path) -> str:
@@ -114,5 +115,6 @@ def build_hub(root: Path, minilm_path: str, texts: list[str]) -> tuple[Path, dic
     folders[SENTENCE] = _sentence(src / "sentence", folders[BERT])
     home = root / "hf_home"
     commits = {repo: cache_model(home, repo, folder) for repo, folder in folders.items()}
+    commits[PINNED] = cache_model(home, PINNED, folders[GPT2], ref="v1")
     shutil.rmtree(src)  # only the cache remains: nothing loads from the build folders
     return home, commits

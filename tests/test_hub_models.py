@@ -20,7 +20,7 @@ from deltakd.errors import DeltakdError
 from deltakd.runs import RunDir
 
 from .conftest import ROOT, sentiment_rows, write_recipe, write_tsv
-from .hubcache import BERT, BERT_STUDENT, GPT2, GPT2_OTHER, GPT2_STUDENT, SENTENCE
+from .hubcache import BERT, BERT_STUDENT, GPT2, GPT2_OTHER, GPT2_STUDENT, PINNED, SENTENCE
 
 DIALOGUE = ROOT / "data" / "dailydialog_sample"
 
@@ -124,10 +124,15 @@ def _vocab(folder: Path) -> dict[str, int]:
     return json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]
 
 
+def _snapshot(repo: str) -> Path:
+    """The cached snapshot folder of ``repo`` (huggingface_hub, offline)."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo))
+
+
 def test_lm_kd_between_padded_vocabularies_by_hub_id(hub_home, tmp_path, lm_data):
     """Teacher logits over 320 rows, student over 384, one 300-token tokenizer: KD compares the shared tokens."""
-    from deltakd.models.hub import model_dir
-
     res = api.train(_lm(tmp_path, lm_data, f"""
 teacher: {{model: {GPT2}, revision: {hub_home[GPT2]}}}
 model: {{name: {GPT2_STUDENT}}}
@@ -136,16 +141,14 @@ distill: {{losses: {{ce: 0.5, kd: 0.5}}}}
     kd = [e["loss_kd"] for e in _events(res) if "loss_kd" in e]
     assert len(kd) == 3 and all(math.isfinite(v) and v > 0 for v in kd)
     saved = Path(res.run_dir) / "model"
-    assert _vocab(saved) == _vocab(model_dir(GPT2_STUDENT)) and len(_vocab(saved)) == 300
+    assert _vocab(saved) == _vocab(_snapshot(GPT2_STUDENT)) and len(_vocab(saved)) == 300
     assert json.loads((saved / "config.json").read_text())["vocab_size"] == 384  # the student's rows, kept
 
 
 def test_lm_model_by_hub_id_trains_with_its_own_tokenizer(hub_home, tmp_path, lm_data):
     """No teacher, no model.tokenizer: the pretrained model's tokenizer, not a BPE trained on the data."""
-    from deltakd.models.hub import model_dir
-
     res = api.train(_lm(tmp_path, lm_data, f"model: {{name: {GPT2}, revision: main}}"))
-    assert _vocab(Path(res.run_dir) / "model") == _vocab(model_dir(GPT2))
+    assert _vocab(Path(res.run_dir) / "model") == _vocab(_snapshot(GPT2))
     assert math.isfinite(res.metrics["valid"]["perplexity"])
 
 
@@ -188,11 +191,26 @@ peft: {{method: lora, r: 2, alpha: 4, target: [c_attn]}}
 """))
     meta = json.loads((Path(lm.run_dir) / "model" / "deltakd_model.json").read_text())
     assert (meta["base_model"], meta["base_revision"]) == (GPT2, hub_home[GPT2])
-    from deltakd.models.hub import model_dir
-
-    assert _vocab(Path(lm.run_dir) / "model") == _vocab(model_dir(GPT2))  # the hub model's own tokenizer
+    assert _vocab(Path(lm.run_dir) / "model") == _vocab(_snapshot(GPT2))  # the hub model's own tokenizer
     model, _ = api.load_trained(lm.run_dir)
     assert model.get_input_embeddings().num_embeddings == 320
+
+
+def test_every_load_of_a_dialogue_run_uses_the_revision(hub_home, tmp_path):
+    """A repository cached under the tag v1 only (no main): tokenizer, config, model, prompt tuning's init_text
+    tokenizer and the reload of the saved adapter's base all have to ask for v1."""
+    res = api.train(_dialogue(tmp_path, "pinned", "dialogue", f"""
+model: {{name: {PINNED}, revision: v1}}
+peft: {{method: prompt, num_virtual_tokens: 4, init_text: "reply to the dialogue"}}
+"""))
+    meta = json.loads((Path(res.run_dir) / "model" / "deltakd_model.json").read_text())
+    assert (meta["base_model"], meta["base_revision"]) == (PINNED, "v1")
+    model, _ = api.load_trained(res.run_dir)
+    assert model.peft_config["default"].num_virtual_tokens == 4
+    with pytest.raises(DeltakdError, match=rf"^tokenizer '{PINNED}': revision 'main' is not in the local hub cache "
+                                           rf"\(cached: v1, {hub_home[PINNED]}\)$"):
+        api.train(_dialogue(tmp_path, "unpinned", "dialogue", f"model: {{name: {PINNED}, revision: main}}\n"
+                                                              "peft: {method: full}"))
 
 
 def test_dialogue_act_classifier_by_hub_id(hub_home, tmp_path):

@@ -61,7 +61,7 @@ class ClassificationFamily(TransformersFamily):
         base, copied = self.student_base(recipe, teacher) if teacher is not None else (None, None)
         if base is None:
             base = load_base(recipe.model, head)
-        model = attach_delta(base, recipe.peft, resolve_model_path(recipe.model.name))
+        model = attach_delta(base, recipe.peft, resolve_model_path(recipe.model.name), revision=recipe.model.revision)
         prep = Prepared(recipe, task, tokenizer, {}, model, head, teacher)
         checked = self.distill_check(prep, copied) if teacher is not None else None  # nothing tokenised or cached yet
         prep.datasets = {name: tokenize_examples(exs, tokenizer, recipe.task.max_length)

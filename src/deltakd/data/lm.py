@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ..errors import DeltakdError
+from ..models.hub import not_found
 from ..utils import cache_root, cached_dir, text_digest
 from .tokenize import tokenizer_fingerprint
 
@@ -78,10 +79,11 @@ def _load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTraine
     kw = {"revision": revision} if revision and not local.is_dir() else {}  # a folder has no revisions
     try:
         tok = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name_or_path, **kw)
-    except (OSError, ValueError) as e:
+    except OSError as e:  # not found: offline, unknown repository or revision (what is cached, named)
+        raise not_found("cannot load tokenizer", name_or_path, revision, e) from None
+    except ValueError as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        at = f" (revision '{revision}')" if revision else ""
-        raise DeltakdError(f"cannot load tokenizer '{name_or_path}'{at}: {msg}") from None
+        raise DeltakdError(f"cannot load tokenizer '{name_or_path}': {msg}") from None
     if tok.eos_token is None:
         raise DeltakdError(f"tokenizer '{name_or_path}' has no eos token; causal-LM blocks need one")
     if tok.pad_token is None:

@@ -73,8 +73,9 @@ def load_base(cfg: ModelConfig, head: Head) -> PreTrainedModel:
                            ignore_mismatched_sizes=True, **head.config_kwargs())
 
 
-def peft_config(cfg: PeftConfig, base_path: str, causal_lm: bool = False):
-    """The ``peft`` config object for a recipe's peft section (None for full / bottleneck)."""
+def peft_config(cfg: PeftConfig, base_path: str, causal_lm: bool = False, revision: str | None = None):
+    """The ``peft`` config object for a recipe's peft section (None for full / bottleneck); ``revision``:
+    the hub revision prompt tuning's ``init_text`` tokenizer loads at (that of the model at ``base_path``)."""
     task = peft.TaskType.CAUSAL_LM if causal_lm else peft.TaskType.SEQ_CLS
     if isinstance(cfg, LoraPeft):
         return peft.LoraConfig(task_type=task, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
@@ -87,7 +88,8 @@ def peft_config(cfg: PeftConfig, base_path: str, causal_lm: bool = False):
             return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens,
                                            prompt_tuning_init=peft.PromptTuningInit.TEXT,
                                            prompt_tuning_init_text=cfg.init_text,
-                                           tokenizer_name_or_path=base_path)
+                                           tokenizer_name_or_path=base_path,
+                                           tokenizer_kwargs={"revision": revision} if revision else None)
         return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)
     if isinstance(cfg, PTuningPeft):
         return peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens,
@@ -105,10 +107,10 @@ def bottleneck_spec(cfg: BottleneckPeft):
 
 
 def attach_delta(model: PreTrainedModel, cfg: PeftConfig, base_path: str, causal_lm: bool = False,
-                 trainable_tokens: Sequence[int] = ()) -> torch.nn.Module:
+                 trainable_tokens: Sequence[int] = (), revision: str | None = None) -> torch.nn.Module:
     """Wrap ``model`` with the recipe's delta module; only the delta (and the head) trains.
 
-    ``base_path`` is where prompt tuning's ``init_text`` tokenizer loads from; ``causal_lm`` picks
+    ``base_path`` is where prompt tuning's ``init_text`` tokenizer loads from (a hub id at ``revision``); ``causal_lm`` picks
     peft's causal-LM wrapper (virtual tokens / prefixes before the sequence, loss on shifted labels).
     ``trainable_tokens``: input-embedding rows (added tokens) that train with the delta module
     (:func:`train_embedding_rows`; full fine-tuning trains them anyway).
@@ -124,7 +126,7 @@ def attach_delta(model: PreTrainedModel, cfg: PeftConfig, base_path: str, causal
     if isinstance(cfg, PrefixPeft) and not causal_lm:
         accept_past_key_values(model)
     try:
-        wrapped = peft.get_peft_model(model, peft_config(cfg, base_path, causal_lm))
+        wrapped = peft.get_peft_model(model, peft_config(cfg, base_path, causal_lm, revision))
     except ValueError as e:
         raise DeltakdError(f"peft ({cfg.method}): {str(e).splitlines()[0]}") from None
     if isinstance(cfg, LoraPeft) and cfg.full:
