@@ -88,3 +88,25 @@ def write_toy_task(d: Path) -> Path:
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def hub_models(tmp_path_factory, minilm_path) -> tuple[Path, dict[str, str]]:
+    """Tiny models in a hub-cache layout (``tests/hubcache.py``): the ``HF_HOME`` and each repo's commit."""
+    from .hubcache import build_hub
+
+    stories = (ROOT / "data" / "tinystories" / "train.txt").read_text(encoding="utf-8").split("<|endoftext|>")
+    return build_hub(tmp_path_factory.mktemp("hub"), minilm_path, [s.strip() for s in stories[:200] if s.strip()])
+
+
+@pytest.fixture()
+def hub_home(hub_models, monkeypatch) -> dict[str, str]:
+    """``HF_HOME`` pointed at the tiny hub cache for this test (offline, as every test): repo -> commit."""
+    from huggingface_hub import constants
+
+    home, commits = hub_models
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    return commits

@@ -60,6 +60,19 @@ def scored_tokens(model: Any, n_blocks: int, block_size: int) -> int:
     return n_blocks * (block_size - 1 if shifted else block_size)
 
 
+def _own_tokenizer(recipe: Recipe) -> tuple[str | None, str | None]:
+    """Where the model's own tokenizer loads from, and at which revision: ``model.tokenizer``, else a
+    pretrained ``model.name``'s (alias, folder or hub id at ``model.revision``); None for a model built
+    from ``model.config`` alone (a BPE trained on the data, or with a teacher the teacher's)."""
+    m = recipe.model
+    if m.tokenizer:
+        return m.tokenizer, None
+    if m.config is None:
+        path = resolve_model_path(m.name)
+        return path, m.revision if path == m.name else None
+    return None, None
+
+
 def _task(recipe: Recipe, datasets: dict[str, Any], files: dict[str, str | None]) -> TaskData:
     base = recipe.task.data_dir or Path(".")
     spec = TaskSpec(recipe.task.name, "lm", None, ("perplexity",), (), "",
@@ -85,14 +98,15 @@ class CausalLMFamily(TransformersFamily):
             teacher, teacher_tokenizer = load_teacher(recipe.teacher, causal_lm=True)
             if teacher_tokenizer.pad_token is None:  # as the student's own gets it (data.lm)
                 teacher_tokenizer.pad_token = teacher_tokenizer.eos_token
-            own = recipe.model.tokenizer or (resolve_model_path(recipe.model.name) if recipe.model.config is None
-                                              else None)  # a student from a config alone: the teacher's
-            load_own = (lambda: get_or_train_tokenizer(own, (), recipe.model.vocab_size)) if own else None
+            own, revision = _own_tokenizer(recipe)  # a student from a config alone: the teacher's
+            load_own = (lambda: get_or_train_tokenizer(own, (), recipe.model.vocab_size, revision=revision)) \
+                if own else None
             if own is None and recipe.distill is not None and recipe.distill.cross_tokenizer:
                 load_own = lambda: get_or_train_tokenizer(None, texts["train"], recipe.model.vocab_size)
             tokenizer = self.student_tokenizer(recipe, teacher_tokenizer, load_own)
         else:
-            tokenizer = get_or_train_tokenizer(recipe.model.tokenizer, texts["train"], recipe.model.vocab_size)
+            own, revision = _own_tokenizer(recipe)
+            tokenizer = get_or_train_tokenizer(own, texts["train"], recipe.model.vocab_size, revision=revision)
         datasets = {split: lm_blocks_cached(t, tokenizer, cfg.block_size) for split, t in texts.items()}
         collator, own_teacher = None, None
         if teacher is not None and tokenizer_difference(teacher_tokenizer, tokenizer) is not None:

@@ -38,7 +38,7 @@ def teacher_head_config(cfg: Any) -> Any:
     """The teacher's head (``num_labels``, ``id2label``) without loading its weights: a hub/model
     config, or a deltakd run's model metadata."""
     if cfg.run is None:
-        return load_pretrained(AutoConfig.from_pretrained, cfg.model, "teacher.model")
+        return load_pretrained(AutoConfig.from_pretrained, cfg.model, "teacher.model", revision=cfg.revision)
     meta = read_meta(find_model_dir(cfg.run))
     return SimpleNamespace(num_labels=meta["num_labels"], id2label=dict(enumerate(meta["labels"] or ())))
 
@@ -61,7 +61,7 @@ class ClassificationFamily(TransformersFamily):
         base, copied = self.student_base(recipe, teacher) if teacher is not None else (None, None)
         if base is None:
             base = load_base(recipe.model, head)
-        model = attach_delta(base, recipe.peft, resolve_model_path(recipe.model.name))
+        model = attach_delta(base, recipe.peft, resolve_model_path(recipe.model.name), revision=recipe.model.revision)
         prep = Prepared(recipe, task, tokenizer, {}, model, head, teacher)
         checked = self.distill_check(prep, copied) if teacher is not None else None  # nothing tokenised or cached yet
         prep.datasets = {name: tokenize_examples(exs, tokenizer, recipe.task.max_length)

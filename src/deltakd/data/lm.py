@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ..errors import DeltakdError
+from ..models.hub import not_found
 from ..utils import cache_root, cached_dir, text_digest
 from .tokenize import tokenizer_fingerprint
 
@@ -71,15 +72,18 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path,
     return fast
 
 
-def _load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+def _load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrainedTokenizerBase:
     local = Path(name_or_path).expanduser()
     if name_or_path.startswith(("/", ".", "~")) and not local.is_dir():
         raise DeltakdError(f"tokenizer directory '{name_or_path}' does not exist")
+    kw = {"revision": revision} if revision and not local.is_dir() else {}  # a folder has no revisions
     try:
-        tok = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name_or_path)
-    except (OSError, ValueError) as e:
+        tok = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name_or_path, **kw)
+    except OSError as e:  # not found: offline, unknown repository or revision (what is cached, named)
+        raise not_found("cannot load tokenizer", name_or_path, revision, e) from None
+    except ValueError as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DeltakdError(f"cannot load tokenizer '{name_or_path}': {msg}") from e
+        raise DeltakdError(f"cannot load tokenizer '{name_or_path}': {msg}") from None
     if tok.eos_token is None:
         raise DeltakdError(f"tokenizer '{name_or_path}' has no eos token; causal-LM blocks need one")
     if tok.pad_token is None:
@@ -88,14 +92,15 @@ def _load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 
 def get_or_train_tokenizer(name_or_path: str | None, texts: Iterable[str], vocab_size: int,
-                           cache_dir: Path | None = None, min_frequency: int = 2) -> PreTrainedTokenizerBase:
-    """Load ``name_or_path`` (local dir or hub id), or train a BPE on ``texts`` once and cache it.
+                           cache_dir: Path | None = None, min_frequency: int = 2,
+                           revision: str | None = None) -> PreTrainedTokenizerBase:
+    """Load ``name_or_path`` (local dir, or hub id at ``revision``), or train a BPE on ``texts`` once and cache it.
 
     Trained tokenizers live in ``<cache_dir or cache_root()>/tokenizers/<sha256>``, keyed by
     the texts, ``vocab_size`` and ``min_frequency``; a later call with the same inputs loads it.
     """
     if name_or_path:
-        return _load_tokenizer(str(name_or_path))
+        return _load_tokenizer(str(name_or_path), revision)
     texts = list(texts)
     key = text_digest("bpe-v1", vocab_size, min_frequency, texts)
     path = cached_dir((cache_dir or cache_root()) / "tokenizers", key,

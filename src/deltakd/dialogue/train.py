@@ -87,7 +87,8 @@ def load_causal_lm(recipe: Recipe, check: Callable[[Any], None] | None = None) -
     folder = _model_folder(mc.name)
     where = str(folder) if folder is not None else mc.name
     kw = dict(revision=mc.revision, trust_remote_code=mc.trust_remote_code) if folder is None else {}
-    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, mc.tokenizer or where, "tokenizer", **kw)
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, mc.tokenizer or where, "tokenizer",
+                                **({} if mc.tokenizer else kw))  # model.revision is the model's, not model.tokenizer's
     if check is not None:
         check(load_pretrained(AutoConfig.from_pretrained, where, "model", **kw))
     model = load_pretrained(AutoModelForCausalLM.from_pretrained, where, "model", **kw)
@@ -182,7 +183,9 @@ def prepare_dialogue(recipe: Recipe):
     act_ids = add_act_tokens(model, tokenizer, control_labels(fmt.control)) if fmt.act_tokens else []
     splits, long_examples = _select(recipe, read, tokenizer, fmt)
     data = {split: encode_split(exs, tokenizer, fmt) for split, exs in splits.items()}
-    model = attach_delta(model, recipe.peft, tokenizer.name_or_path, causal_lm=True, trainable_tokens=act_ids)
+    hub_rev = recipe.model.revision if base == recipe.model.name and not recipe.model.tokenizer else None
+    model = attach_delta(model, recipe.peft, tokenizer.name_or_path, causal_lm=True, trainable_tokens=act_ids,
+                         revision=hub_rev)
     task = TaskData(_spec(recipe), None, {k: list(v) for k, v in splits.items()})
     return Prepared(recipe, task, tokenizer, data, model, Head(0, None, causal_lm=True),
                     collator=DialogueCollator(tokenizer.pad_token_id), base_path=base,

@@ -73,8 +73,9 @@ def load_base(cfg: ModelConfig, head: Head) -> PreTrainedModel:
                            ignore_mismatched_sizes=True, **head.config_kwargs())
 
 
-def peft_config(cfg: PeftConfig, base_path: str, causal_lm: bool = False):
-    """The ``peft`` config object for a recipe's peft section (None for full / bottleneck)."""
+def peft_config(cfg: PeftConfig, base_path: str, causal_lm: bool = False, revision: str | None = None):
+    """The ``peft`` config object for a recipe's peft section (None for full / bottleneck); ``revision``:
+    the hub revision prompt tuning's ``init_text`` tokenizer loads at (that of the model at ``base_path``)."""
     task = peft.TaskType.CAUSAL_LM if causal_lm else peft.TaskType.SEQ_CLS
     if isinstance(cfg, LoraPeft):
         return peft.LoraConfig(task_type=task, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
@@ -87,7 +88,8 @@ def peft_config(cfg: PeftConfig, base_path: str, causal_lm: bool = False):
             return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens,
                                            prompt_tuning_init=peft.PromptTuningInit.TEXT,
                                            prompt_tuning_init_text=cfg.init_text,
-                                           tokenizer_name_or_path=base_path)
+                                           tokenizer_name_or_path=base_path,
+                                           tokenizer_kwargs={"revision": revision} if revision else None)
         return peft.PromptTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)
     if isinstance(cfg, PTuningPeft):
         return peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens,
@@ -105,10 +107,10 @@ def bottleneck_spec(cfg: BottleneckPeft):
 
 
 def attach_delta(model: PreTrainedModel, cfg: PeftConfig, base_path: str, causal_lm: bool = False,
-                 trainable_tokens: Sequence[int] = ()) -> torch.nn.Module:
+                 trainable_tokens: Sequence[int] = (), revision: str | None = None) -> torch.nn.Module:
     """Wrap ``model`` with the recipe's delta module; only the delta (and the head) trains.
 
-    ``base_path`` is where prompt tuning's ``init_text`` tokenizer loads from; ``causal_lm`` picks
+    ``base_path`` is where prompt tuning's ``init_text`` tokenizer loads from (a hub id at ``revision``); ``causal_lm`` picks
     peft's causal-LM wrapper (virtual tokens / prefixes before the sequence, loss on shifted labels).
     ``trainable_tokens``: input-embedding rows (added tokens) that train with the delta module
     (:func:`train_embedding_rows`; full fine-tuning trains them anyway).
@@ -124,7 +126,7 @@ def attach_delta(model: PreTrainedModel, cfg: PeftConfig, base_path: str, causal
     if isinstance(cfg, PrefixPeft) and not causal_lm:
         accept_past_key_values(model)
     try:
-        wrapped = peft.get_peft_model(model, peft_config(cfg, base_path, causal_lm))
+        wrapped = peft.get_peft_model(model, peft_config(cfg, base_path, causal_lm, revision))
     except ValueError as e:
         raise DeltakdError(f"peft ({cfg.method}): {str(e).splitlines()[0]}") from None
     if isinstance(cfg, LoraPeft) and cfg.full:
@@ -241,6 +243,8 @@ def save_trained(model: torch.nn.Module, directory: Path, cfg: PeftConfig, model
     meta: dict[str, Any] = {"base_model": base_path, "method": cfg.method, "problem_type": head.problem_type,
                             "num_labels": head.num_labels, "labels": list(head.labels) if head.labels else None,
                             "label_names": list(head.names) if head.names else None}
+    if model_cfg.revision and not Path(base_path).is_absolute():  # a hub id pinned to a revision: reload that one
+        meta["base_revision"] = model_cfg.revision
     if isinstance(cfg, FullFT) or (isinstance(cfg, LoraPeft) and cfg.full):
         plain = model.merge_and_unload() if isinstance(cfg, LoraPeft) else model
         plain.save_pretrained(tmp)
@@ -297,7 +301,8 @@ def load_trained(directory: str | Path, merged: bool = False) -> tuple[torch.nn.
             model = AutoModelForCausalLM.from_pretrained(directory)
         elif fmt == "peft":  # an adapter on a causal LM (dialogue): the base from its folder or hub id
 
-            base = load_pretrained(AutoModelForCausalLM.from_pretrained, meta["base_model"], "base model")
+            base = load_pretrained(AutoModelForCausalLM.from_pretrained, meta["base_model"], "base model",
+                                   revision=meta.get("base_revision"))
             if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # added tokens (act tokens)
                 base.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows come with the adapter
             model = PeftModel.from_pretrained(base, directory)
@@ -309,7 +314,8 @@ def load_trained(directory: str | Path, merged: bool = False) -> tuple[torch.nn.
         model = AutoModelForSequenceClassification.from_pretrained(directory)
     else:
         base = load_pretrained(AutoModelForSequenceClassification.from_pretrained, meta["base_model"], "base model",
-                               ignore_mismatched_sizes=True, **head.config_kwargs())
+                               revision=meta.get("base_revision"), ignore_mismatched_sizes=True,
+                               **head.config_kwargs())
         if fmt == "peft":
             accept_past_key_values(base)  # prefix tuning (a no-op otherwise)
             model = PeftModel.from_pretrained(base, directory)
@@ -341,8 +347,9 @@ def load_teacher(cfg: Any, causal_lm: bool) -> tuple[torch.nn.Module, Any]:
         return load_trained(find_model_dir(cfg.run), merged=cfg.merged)
 
     loader = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
-    model = load_pretrained(loader.from_pretrained, cfg.model, "teacher.model")
-    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, cfg.model, "teacher tokenizer")
+    revision = getattr(cfg, "revision", None)
+    model = load_pretrained(loader.from_pretrained, cfg.model, "teacher.model", revision=revision)
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, cfg.model, "teacher tokenizer", revision=revision)
     return model.eval(), tokenizer
 
 

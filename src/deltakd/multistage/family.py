@@ -151,7 +151,7 @@ def evaluate_run(run: RunDir, family: MultistageFamily | None = None) -> RunResu
     if not (run.model_dir / "config.json").is_file():
         raise DeltakdError(f"run '{run.path}' has no model/ (did it finish?)")
     split, eval_pairs = read_pairs(recipe)
-    teacher = load_teacher(recipe.teacher.model, recipe.teacher.max_seq_length)
+    teacher = load_teacher(recipe.teacher.model, recipe.teacher.max_seq_length, revision=recipe.teacher.revision)
     english = [p.english for p in (*split.train, *split.heldout, *eval_pairs)]
     targets = teacher_embeddings(teacher, english, batch_size=recipe.eval.batch_size)
     stage = Stage(recipe, teacher, None, None, False, split, eval_pairs, read_sts_sets(recipe), targets)

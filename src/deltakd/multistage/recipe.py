@@ -129,6 +129,7 @@ class TeacherSpec(Strict):
     """Any sentence-transformers model (path, hub id or packaged alias); a plain HF encoder gets mean pooling."""
 
     model: str = "minilm-l6"
+    revision: str | None = Field(default=None, description="the hub revision of model (branch, tag or commit)")
     max_seq_length: int | None = Field(default=None, ge=8, le=8192)
 
 
@@ -173,6 +174,7 @@ class StudentSpec(Strict):
     stage's structure. A structure the starting model already has (same dim / pattern) is kept."""
 
     model: str | None = Field(default=None, description="path / hub id of the student's start (default: teacher)")
+    revision: str | None = Field(default=None, description="the hub revision of student.model")
     bottleneck: BottleneckSpec | None = None
     recurrence: RecurrenceSpec | None = None
     normalize: Literal["auto", "yes", "no"] = Field(default="auto", description="L2 at the end; auto: as the teacher")

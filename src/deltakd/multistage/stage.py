@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoTokenizer, set_seed
 
 from ..errors import DeltakdError
-from ..models.hub import resolve_model_path
+from ..models.hub import model_dir
 from ..models.student import every_other, layer_count
 from ..runs import RunDir, finished_runs
 from ..utils import cpu_only
@@ -126,7 +126,7 @@ def read_sts_sets(recipe: MultistageRecipe) -> list[StsSet]:
 def _start_model(recipe: MultistageRecipe, teacher: Any, init: Path | None) -> tuple[Any, Any]:
     """(student HF model, tokenizer) before this stage's structure is applied."""
     if init is not None or recipe.student.model is not None:
-        path = init if init is not None else Path(resolve_model_path(recipe.student.model))
+        path = init if init is not None else model_dir(recipe.student.model, recipe.student.revision, "student.model")
         if not Path(path).is_dir():
             raise DeltakdError(f"student.model '{recipe.student.model}': must be a local model folder here")
         model = load_student(path)
@@ -224,7 +224,7 @@ def prepare_stage(recipe: MultistageRecipe, cache: bool = True) -> Stage:
     split, eval_pairs = read_pairs(recipe)
     sts = read_sts_sets(recipe)
     init_model, init_run = resolve_init(recipe.init_from, recipe.output_dir) if recipe.init_from else (None, None)
-    teacher = load_teacher(recipe.teacher.model, recipe.teacher.max_seq_length)
+    teacher = load_teacher(recipe.teacher.model, recipe.teacher.max_seq_length, revision=recipe.teacher.revision)
     student, tokenizer = _start_model(recipe, teacher, init_model)
     projected = _fit_width(student, teacher)
     norm = recipe.student.normalize

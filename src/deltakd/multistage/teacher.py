@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..distill.cache import teacher_fingerprint
 from ..errors import DeltakdError
-from ..models.hub import resolve_model_path
+from ..models.hub import model_dir
 from ..utils import cache_root, cached_dir, text_digest
 from .processes import main_process_first
 from .saving import sentence_transformers
@@ -34,10 +34,11 @@ FORMAT = "multistage-teacher-v1"
 _FILE = "embeddings.safetensors"
 
 
-def load_teacher(name: str, max_seq_length: int | None = None, device: str | None = None) -> Any:
-    """A ``SentenceTransformer`` from a packaged alias, local folder or hub id, in eval mode."""
+def load_teacher(name: str, max_seq_length: int | None = None, device: str | None = None,
+                 revision: str | None = None) -> Any:
+    """A ``SentenceTransformer`` from a packaged alias, local folder or hub id (at ``revision``), in eval mode."""
     st_class = sentence_transformers().SentenceTransformer
-    path = resolve_model_path(name)
+    path = str(model_dir(name, revision, "teacher.model"))
     try:
         st = st_class(path, device=device or "cpu")
     except (OSError, ValueError) as e:

@@ -178,6 +178,7 @@ class TeacherConfig(Strict):
 
     run: Path | None = None
     model: str | None = None
+    revision: str | None = Field(default=None, description="teacher.model's hub revision (branch, tag or commit)")
     merged: bool = Field(default=False, description="use the run's merged LoRA model instead of the adapter")
 
     @model_validator(mode="after")
@@ -185,6 +186,8 @@ class TeacherConfig(Strict):
         # the run itself is looked up when the student's run starts (it may be trained just before)
         if (self.run is None) == (self.model is None):
             raise ValueError("teacher: give exactly one of teacher.run or teacher.model")
+        if self.revision is not None and self.model is None:
+            raise ValueError("teacher.revision: goes with teacher.model (a run's model names its own base)")
         return self
 
 

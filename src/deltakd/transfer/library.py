@@ -131,7 +131,8 @@ def _task_dict(recipe: TransferRecipe, task: str, **extra: Any) -> dict[str, Any
 def module_dir(recipe: TransferRecipe, task: str) -> Path:
     spec = recipe.transfer
     lib = spec.library
-    key = text_digest("transfer-source-v1", spec.backbone, spec.peft.model_dump(mode="json"),
+    backbone = [spec.backbone] + ([spec.backbone_revision] if spec.backbone_revision else [])
+    key = text_digest("transfer-source-v1", *backbone, spec.peft.model_dump(mode="json"),
                       lib.train.model_dump(mode="json"), lib.max_train_samples, lib.max_eval_samples,
                       _task_dict(recipe, task))[:10]
     return lib.dir / backbone_slug(spec.backbone) / f"{spec.peft.method}-{key}" / task
@@ -146,7 +147,7 @@ def source_recipe(recipe: TransferRecipe, task: str) -> Recipe:
         "description": f"transfer source module: {spec.peft.method} on {task}",
         "task": _task_dict(recipe, task, max_train_samples=lib.max_train_samples,
                            max_eval_samples=lib.max_eval_samples),
-        "model": {"name": spec.backbone},
+        "model": {"name": spec.backbone, "revision": spec.backbone_revision},
         "peft": spec.peft.model_dump(mode="json"),
         "train": lib.train.model_dump(mode="json"),
         "track": [],

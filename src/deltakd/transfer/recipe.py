@@ -154,6 +154,8 @@ class FusionConfig(Strict):
 
 class TransferSpec(Strict):
     backbone: str = "minilm-l6"
+    backbone_revision: str | None = Field(default=None, description="the hub revision of backbone "
+                                          "(branch, tag or commit)")
     peft: TransferPeft = Field(default_factory=lambda: LoraPeft(method="lora"))
     tasks: dict[Annotated[str, Field(pattern=_TASK_NAME)], TaskConfig] = Field(min_length=2)
     sources: list[str] = Field(min_length=1)

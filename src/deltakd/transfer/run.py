@@ -99,7 +99,7 @@ def target_recipe(recipe: TransferRecipe, target: str, start: str, seed: int) ->
         "description": f"transfer target {target}, {tc.k}-shot, start {start}, seed {seed}",
         "task": _task_dict(recipe, target, k_shot={"k": tc.k, "per_class": tc.per_class, "seed": seed},
                            max_eval_samples=tc.max_eval_samples),
-        "model": {"name": spec.backbone},
+        "model": {"name": spec.backbone, "revision": spec.backbone_revision},
         "peft": spec.peft.model_dump(mode="json"),
         "train": train,
         "track": [],
