@@ -349,7 +349,7 @@ class TrainConfig(Strict):
     bf16: bool = False
     fp16: bool = False
     num_workers: int = Field(default=0, ge=0)
-    group_by_length: bool = Field(default=False, description="batch similar lengths together: less padding")
+    group_by_length: bool = Field(default=True, description="training batches of similar lengths (random mega-batches, each sorted by length): less padding, faster; false: plain random batches")
 
     @model_validator(mode="after")
     def _save_matches_eval(self) -> "TrainConfig":

@@ -12,6 +12,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, de
 from ..data import TaskData
 from ..evaluate.metrics import compute_metrics
 from ..utils import cpu_only
+from .batching import fast_batches
 
 
 def metrics_for(task: TaskData):
@@ -39,6 +40,26 @@ def default_collator(task: TaskData, tokenizer: Any) -> Any:
     return default_data_collator if task.spec.kind == "lm" else DataCollatorWithPadding(tokenizer)
 
 
+def evaluation_of_current_weights(trainer: Trainer, dataset: Any) -> dict[str, float] | None:
+    """The Trainer's logged evaluation (``eval_*`` keys) of the weights it holds now on ``dataset``, if
+    training evaluated exactly these weights on it: the evaluation at the best checkpoint's step (its
+    weights were evaluated, then saved, then loaded back at the end) or, with no best checkpoint
+    loaded, an evaluation at the final step. None: evaluate afresh. Saves evaluating the same
+    weights on the same data twice at the end of a run."""
+    args, state = trainer.args, trainer.state
+    if args.eval_strategy == "no" or dataset is None or trainer.eval_dataset is not dataset:
+        return None
+    best = state.best_model_checkpoint
+    if args.load_best_model_at_end and best is not None:
+        if not Path(best).is_dir():  # the Trainer could not load it and kept the final weights
+            return None
+        step = int(Path(best).name.rsplit("-", 1)[-1])
+    else:
+        step = state.global_step
+    found = [e for e in state.log_history if e.get("step") == step and "eval_loss" in e]
+    return dict(found[-1]) if found else None
+
+
 def evaluate_raw(model: torch.nn.Module, tokenizer: Any, dataset: Any, task: TaskData, batch_size: int,
                  out_dir: Path, collator: Any = None) -> dict[str, float]:
     """The Trainer's evaluation dict (``eval_*`` keys, samples/s) of ``model`` on ``dataset``."""
@@ -49,7 +70,7 @@ def evaluate_raw(model: torch.nn.Module, tokenizer: Any, dataset: Any, task: Tas
     trainer = Trainer(model=model, args=args, processing_class=tokenizer,
                       data_collator=collator or default_collator(task, tokenizer),
                       compute_metrics=None if lm else metrics_for(task))
-    return trainer.evaluate(dataset, metric_key_prefix="eval")
+    return fast_batches(trainer).evaluate(dataset, metric_key_prefix="eval")
 
 
 def evaluate_model(model: torch.nn.Module, tokenizer: Any, dataset: Any, task: TaskData, batch_size: int,

@@ -28,6 +28,7 @@ from ..runs.lock import FolderLock, in_use, lock_holder
 from ..runs.rundir import runs_of
 from ..trackers import RunTrackers, check_trackers
 from ..utils import cpu_only
+from .batching import fast_batches
 from .callbacks import MetricsLogCallback, compact_log_lines
 from .checkpoints import (
     ManifestCallback,
@@ -139,7 +140,7 @@ def train(prep: Prepared, family: Family, run: RunDir, resume: bool = False, is_
     cbs = [MetricsLogCallback(run), guard, ManifestCallback(), *trackers.callbacks]
     if recipe.train.early_stop and args.eval_strategy != "no":
         cbs.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stop))
-    trainer = guard.attach(compact_log_lines(family.make_trainer(prep, args, cbs)))
+    trainer = guard.attach(fast_batches(compact_log_lines(family.make_trainer(prep, args, cbs))))
     checkpoint = last_complete_checkpoint(run.checkpoints, warn=is_main) if resume else None
     if resume and is_main:
         run.truncate_events(checkpoint_step(checkpoint) if checkpoint else 0)
