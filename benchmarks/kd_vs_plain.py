@@ -40,8 +40,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 GLUE = Path("/work/shared/data/glue/sst2")
@@ -210,6 +210,8 @@ def run_plain(teacher_dir: str, data: Path, a) -> dict:
 
     t0 = time.perf_counter()
     model_dir = find_model_dir(teacher_dir)
+    if (model_dir / "merged" / "config.json").is_file():  # a LoRA teacher's merged copy: what deltakd's trainer runs
+        model_dir = model_dir / "merged"
     tok = AutoTokenizer.from_pretrained(model_dir)
     teacher = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     for p in teacher.parameters():
@@ -265,6 +267,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--model", default="minilm-l6", help="the teacher's base model (name or path)")
+    ap.add_argument("--teacher", default=None, help="a finished deltakd run to use as the teacher (a LoRA run: its "
+                    "merged copy) instead of fine-tuning one here (the machine is slow, or to share one)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast in both (deltakd: train.bf16)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a train.* key of deltakd's recipe, e.g. --set group_by_length=false (JSON values)")
@@ -286,8 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ.setdefault("DELTAKD_CACHE", str(tmp / "cache"))
         data = write_data(tmp / "sst2", a.samples, a.dev)
         t0 = time.perf_counter()
-        teacher_dir = train_teacher(data, tmp / "runs", a)
-        print(f"teacher trained in {time.perf_counter() - t0:.0f} s", flush=True)
+        teacher_dir = a.teacher or train_teacher(data, tmp / "runs", a)
+        print(f"teacher: {teacher_dir} ({time.perf_counter() - t0:.0f} s)", flush=True)
         recipe = student_recipe(teacher_dir, data, tmp / "runs", a)
         rounds: dict[str, list[dict]] = {"deltakd": [], "plain": []}
         for r in range(a.rounds):  # interleaved, the order alternating: drift in machine speed hits both
@@ -304,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
     teacher_fwd = forward_flops_per_token(plain0["config"], plain0["mean_tokens"]) * plain0["mean_tokens"] * 2
     share = {w: med[w]["train_sps"] * flops / peak for w in med}
     share_all = {w: med[w]["train_sps"] * (flops + teacher_fwd) / peak for w in med}
-    out = {"samples": a.samples, "rounds": a.rounds, "threads": torch.get_num_threads(), "bf16": a.bf16,
+    out = {"samples": a.samples, "teacher": a.teacher or "fine-tuned here", "rounds": a.rounds, "threads": torch.get_num_threads(), "bf16": a.bf16,
            "set": a.train_overrides, "median": med, "ratio": med["deltakd"]["train_sps"] / med["plain"]["train_sps"],
            "wall_ratio": med["plain"]["wall_s"] / med["deltakd"]["wall_s"],
            "eval_over_train": {w: med[w]["eval_sps"] / med[w]["train_sps"] for w in med},

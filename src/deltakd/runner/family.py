@@ -22,7 +22,12 @@ from ..recipe import apply_overrides, dump_recipe, load_raw
 from ..runs import RunDir, RunResults
 from ..runs.rundir import read_recipe_data
 from .arguments import training_arguments
-from .evaluation import default_collator, evaluation_of_current_weights, metrics_for, task_metrics
+from .evaluation import (
+    default_collator,
+    evaluation_of_current_weights,
+    metrics_for,
+    task_metrics,
+)
 
 
 @dataclass
