@@ -118,3 +118,15 @@ def test_a_run_evaluates_the_dev_set_once_at_the_end(tmp_path, tiny_bert, toy_ta
     assert res["metrics"]["valid"]["accuracy"] == evals[0]["eval_accuracy"]
     assert res["metrics"]["valid"]["loss"] == pytest.approx(evals[0]["eval_loss"])
     assert "test" in res["metrics"]  # the other split is still evaluated
+
+
+def test_the_optimizer_is_the_fused_adamw(tmp_path):
+    from deltakd.runner import training_arguments
+    from deltakd.runner.arguments import fused_adamw
+    from deltakd.runs import new_run_dir
+
+    recipe = validate({"name": "x", "task": {"name": "sst2", "data_dir": "d"}, "model": {"name": "minilm-l6"}},
+                      check_files=False)
+    args = training_arguments(recipe.train, new_run_dir(tmp_path, "x"), [], "accuracy")
+    assert fused_adamw() == "adamw_torch_fused"  # torch >= 2.4 runs it on CPU
+    assert args.optim == "adamw_torch_fused"
