@@ -294,13 +294,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"teacher: {teacher_dir} ({time.perf_counter() - t0:.0f} s)", flush=True)
         recipe = student_recipe(teacher_dir, data, tmp / "runs", a)
         rounds: dict[str, list[dict]] = {"deltakd": [], "plain": []}
+        peaks = [matmul_peak(a.sgemm)]
         for r in range(a.rounds):  # interleaved, the order alternating: drift in machine speed hits both
             for who in (("deltakd", "plain") if r % 2 == 0 else ("plain", "deltakd")):
                 rounds[who].append(run_deltakd(recipe) if who == "deltakd" else run_plain(teacher_dir, data, a))
+            peaks.append(matmul_peak(a.sgemm))  # after each round: the machine's speed drifts (shared CPUs)
             print(f"round {r + 1}: " + "   ".join(
                 f"{w} {v[-1]['train_sps']:.1f} samples/s (acc {v[-1]['accuracy']:.4f}, eval {v[-1]['eval_sps']:.1f}/s, "
                 f"wall {v[-1]['wall_s']:.0f} s)" for w, v in rounds.items()), flush=True)
-        peak = matmul_peak(a.sgemm)
+        peak = max(peaks)  # the best the machine gave this process: the share is a lower bound under load
     med = {w: {k: statistics.median(x[k] for x in v) for k in ("train_sps", "accuracy", "eval_sps", "wall_s")}
            for w, v in rounds.items()}
     plain0 = rounds["plain"][0]
@@ -312,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
            "set": a.train_overrides, "median": med, "ratio": med["deltakd"]["train_sps"] / med["plain"]["train_sps"],
            "wall_ratio": med["plain"]["wall_s"] / med["deltakd"]["wall_s"],
            "eval_over_train": {w: med[w]["eval_sps"] / med[w]["train_sps"] for w in med},
-           "peak_gflops": peak / 1e9, "student_flops_per_sample": flops, "mean_tokens": plain0["mean_tokens"],
+           "peak_gflops": peak / 1e9, "peaks_gflops": [p / 1e9 for p in peaks], "student_flops_per_sample": flops, "mean_tokens": plain0["mean_tokens"],
            "student_share_of_peak": share, "step_share_of_peak_with_teacher": share_all,
            "rounds_raw": {w: [{k: v for k, v in x.items() if k != "config"} for x in v] for w, v in rounds.items()},
            "load": os.getloadavg()}
@@ -327,7 +329,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"({100 * share_all[w]:.1f}% with the teacher forward) |")
     print(f"ratio deltakd / plain (training samples/s) = {out['ratio']:.3f}  (goal >= 1.5; whole command "
           f"{out['wall_ratio']:.3f}x faster)")
-    print(f"fp32 matmul peak ({a.sgemm}^3 sgemm): {out['peak_gflops']:.1f} GFLOP/s; student fwd+bwd "
+    print(f"fp32 matmul peak ({a.sgemm}^3 sgemm, best of {len(peaks)} measurements: "
+          f"{', '.join(f'{p / 1e9:.0f}' for p in peaks)}): {out['peak_gflops']:.1f} GFLOP/s; student fwd+bwd "
           f"{flops / 1e9:.2f} GFLOP/sample at {plain0['mean_tokens']:.1f} real tokens")
     if a.json:
         a.json.write_text(json.dumps(out, indent=1, default=str))
