@@ -130,3 +130,33 @@ def test_the_optimizer_is_the_fused_adamw(tmp_path):
     args = training_arguments(recipe.train, new_run_dir(tmp_path, "x"), [], "accuracy")
     assert fused_adamw() == "adamw_torch_fused"  # torch >= 2.4 runs it on CPU
     assert args.optim == "adamw_torch_fused"
+
+
+def test_a_lora_model_is_evaluated_merged_and_stays_unmerged(tmp_path, tiny_bert):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+
+    from deltakd.runner.evaluation import mergeable_lora, merged_evaluation
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # a trained-looking adapter (B starts at zero)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ds = datasets.Dataset.from_dict({"input_ids": [[101, 7 + i, 9, 102] for i in range(12)],
+                                     "attention_mask": [[1] * 4] * 12, "labels": [i % 2 for i in range(12)]})
+    args = TrainingArguments(str(tmp_path), report_to="none", use_cpu=True, per_device_eval_batch_size=4,
+                             remove_unused_columns=False)
+    plain = Trainer(model=model, args=args).evaluate(ds)
+    seen = []
+    trainer = merged_evaluation(Trainer(model=model, args=args))
+    original = trainer.prediction_step
+    trainer.prediction_step = lambda m, *a, **k: (seen.append(m), original(m, *a, **k))[1]
+    merged = trainer.evaluate(ds)
+    assert mergeable_lora(model) and seen and not any(mergeable_lora(m) for m in seen)  # ran on the merged copy
+    assert not any("lora" in n for m in seen for n, _ in m.named_parameters())
+    assert merged["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
+    assert trainer.model is model and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(getattr(m, "merged", False) for m in model.modules() if hasattr(m, "merged_adapters"))

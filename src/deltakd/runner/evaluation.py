@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,41 @@ def default_collator(task: TaskData, tokenizer: Any) -> Any:
     return default_data_collator if task.spec.kind == "lm" else DataCollatorWithPadding(tokenizer)
 
 
+MERGE_LIMIT_BYTES = 2 << 30  # a merged copy is made for models up to this size (it costs one copy of the weights)
+
+
+def mergeable_lora(model: torch.nn.Module) -> bool:
+    """A peft model whose adapters are all unmerged LoRA, small enough to copy (see ``merged_evaluation``)."""
+    from peft import LoraConfig, PeftModel
+
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(model, PeftModel) or not configs or not all(isinstance(c, LoraConfig) for c in configs.values()):
+        return False
+    if any(getattr(m, "merged", False) for m in model.modules() if hasattr(m, "merged_adapters")):
+        return False
+    return sum(p.numel() * p.element_size() for p in model.parameters()) <= MERGE_LIMIT_BYTES
+
+
+def merged_evaluation(trainer: Trainer) -> Trainer:
+    """Evaluations of a LoRA model run on a merged copy (``merge_and_unload``: the adapters folded into the
+    weights, no extra matmuls per layer; the same logits up to rounding); the trained model itself is never
+    merged and unmerged, so training continues on exactly its own weights. One process only."""
+    loop = trainer.evaluation_loop
+
+    def evaluation_loop(*args: Any, **kwargs: Any):
+        model = trainer.model
+        if trainer.args.world_size > 1 or not mergeable_lora(model):
+            return loop(*args, **kwargs)
+        trainer.model = copy.deepcopy(model).merge_and_unload().eval()
+        try:
+            return loop(*args, **kwargs)
+        finally:
+            trainer.model = model
+
+    trainer.evaluation_loop = evaluation_loop
+    return trainer
+
+
 def evaluation_of_current_weights(trainer: Trainer, dataset: Any) -> dict[str, float] | None:
     """The Trainer's logged evaluation (``eval_*`` keys) of the weights it holds now on ``dataset``, if
     training evaluated exactly these weights on it: the evaluation at the best checkpoint's step (its
@@ -70,7 +106,7 @@ def evaluate_raw(model: torch.nn.Module, tokenizer: Any, dataset: Any, task: Tas
     trainer = Trainer(model=model, args=args, processing_class=tokenizer,
                       data_collator=collator or default_collator(task, tokenizer),
                       compute_metrics=None if lm else metrics_for(task))
-    return fast_batches(trainer).evaluate(dataset, metric_key_prefix="eval")
+    return merged_evaluation(fast_batches(trainer)).evaluate(dataset, metric_key_prefix="eval")
 
 
 def evaluate_model(model: torch.nn.Module, tokenizer: Any, dataset: Any, task: TaskData, batch_size: int,
