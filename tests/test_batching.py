@@ -134,7 +134,11 @@ def test_the_optimizer_is_the_fused_adamw(tmp_path):
 
 def test_a_lora_model_is_evaluated_merged_and_stays_unmerged(tmp_path, tiny_bert):
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+    from transformers import (
+        AutoModelForSequenceClassification,
+        Trainer,
+        TrainingArguments,
+    )
 
     from deltakd.runner.evaluation import mergeable_lora, merged_evaluation
 
