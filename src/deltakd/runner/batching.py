@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch.utils.data import Sampler
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -87,14 +86,3 @@ def fast_batches(trainer: Trainer) -> Trainer:
     trainer._get_eval_sampler = get_eval_sampler
     return trainer
 
-
-def inference(trainer: Trainer) -> Trainer:
-    """Evaluation steps under ``torch.inference_mode`` (no autograd bookkeeping at all) instead of ``no_grad``."""
-    step = trainer.prediction_step
-
-    def prediction_step(*args: Any, **kwargs: Any):
-        with torch.inference_mode():
-            return step(*args, **kwargs)
-
-    trainer.prediction_step = prediction_step
-    return trainer
