@@ -85,6 +85,9 @@ def evaluation_of_current_weights(trainer: Trainer, dataset: Any) -> dict[str, f
     args, state = trainer.args, trainer.state
     if args.eval_strategy == "no" or dataset is None or trainer.eval_dataset is not dataset:
         return None
+    configs = getattr(getattr(trainer, "model", None), "peft_config", None) or {}
+    if any(getattr(c, "is_prompt_learning", False) for c in configs.values()):
+        return None  # prompt / prefix / p-tuning: a checkpoint holds the encoded prompt, not the weights evaluated
     best = state.best_model_checkpoint
     if args.load_best_model_at_end and best is not None:
         if not Path(best).is_dir():  # the Trainer could not load it and kept the final weights
