@@ -16,7 +16,6 @@ frozen teacher.
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from contextlib import ExitStack
 from typing import Any
 
@@ -73,25 +72,32 @@ class ZeroHeadGrads(TrainerCallback):
 class TermLoggingTrainer(Trainer):
     """A ``transformers.Trainer`` that logs each term of a weighted loss on its own: at every log,
     the mean of each term since the previous log, as ``loss_<term>`` (subclasses call ``record_terms``);
-    ``last_terms``: the latest training step's terms (the divergence guard names a non-finite one)."""
+    ``last_terms``: the latest training step's terms (the divergence guard names a non-finite one).
+
+    The terms add up on the device and are read (one host sync) only when a log line is written:
+    no ``float()`` per step, which on a GPU would stall the queue every step. ``last_terms`` holds
+    detached 0-d tensors; whoever reads it (the divergence guard, on a non-finite step) syncs then.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._term_sums: dict[str, float] = defaultdict(float)
+        self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
-        self.last_terms: dict[str, float] = {}  # the latest step's terms (a new dict each step)
+        self.last_terms: dict[str, torch.Tensor] = {}  # the latest step's terms (a new dict each step)
 
     def record_terms(self, terms: dict[str, torch.Tensor]) -> None:
-        values = {k: float(v.detach()) for k, v in terms.items()}
+        values = {k: v.detach() for k, v in terms.items()}
         for k, v in values.items():
-            self._term_sums[k] += v
+            total = self._term_sums.get(k)
+            self._term_sums[k] = v.float() if total is None else total + v.float()  # on the device, no sync
         self._term_count += 1
         self.last_terms = values
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._term_count and "loss" in logs:
-            for k, v in self._term_sums.items():
-                logs[f"loss_{k}"] = v / self._term_count
+            names = list(self._term_sums)
+            means = (torch.stack([self._term_sums[k] for k in names]) / self._term_count).tolist()  # the one sync
+            logs.update({f"loss_{k}": v for k, v in zip(names, means)})
             self._term_sums.clear()
             self._term_count = 0
         super().log(logs, *args, **kwargs)

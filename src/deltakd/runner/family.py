@@ -22,7 +22,12 @@ from ..recipe import apply_overrides, dump_recipe, load_raw
 from ..runs import RunDir, RunResults
 from ..runs.rundir import read_recipe_data
 from .arguments import training_arguments
-from .evaluation import default_collator, metrics_for, task_metrics
+from .evaluation import (
+    default_collator,
+    evaluation_of_current_weights,
+    metrics_for,
+    task_metrics,
+)
 
 
 @dataclass
@@ -104,13 +109,16 @@ class Family:
         return Trainer(**self.trainer_kwargs(prep, args, callbacks))
 
     def evaluate(self, prep: Prepared, trainer: Trainer) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-        """(metrics, samples/s) per split of the best model; every process takes part."""
+        """(metrics, samples/s) per split of the best model; every process takes part. The split
+        training evaluated on is not evaluated again when training already evaluated these weights."""
         metrics: dict[str, dict[str, float]] = {}
         speed: dict[str, float] = {}
         for split, ds in prep.datasets.items():
             if split == "train":
                 continue
-            raw = trainer.evaluate(ds, metric_key_prefix=split)
+            raw = reuse_evaluation(trainer, ds, split)
+            if raw is None:
+                raw = trainer.evaluate(ds, metric_key_prefix=split)
             metrics[split] = task_metrics(raw, split, prep.task)
             speed[split] = float(raw.get(f"{split}_samples_per_second", float("nan")))
         return metrics, speed
@@ -129,6 +137,17 @@ class Family:
     def evaluate_saved(self, run: RunDir, split: str, batch_size: int | None) -> dict[str, float]:
         """Reload a finished run's saved model and evaluate it on ``split`` (``deltakd eval``)."""
         raise DeltakdError(f"'{run.path}': a {self.name} run cannot be re-evaluated")
+
+
+def reuse_evaluation(trainer: Trainer, dataset: Any, split: str) -> dict[str, float] | None:
+    """Training's evaluation of the current weights on ``dataset`` (``runner.evaluation``), logged again
+    under ``split``'s prefix (the event stream and trackers see the final metrics as before); None if none."""
+    logged = evaluation_of_current_weights(trainer, dataset)
+    if logged is None:
+        return None
+    raw = {f"{split}_{k.removeprefix('eval_')}": v for k, v in logged.items() if k.startswith("eval_")}
+    trainer.log(dict(raw))
+    return raw
 
 
 def _diff(x: Any, y: Any, prefix: str) -> list[str]:

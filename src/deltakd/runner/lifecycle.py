@@ -29,6 +29,7 @@ from ..runs.rundir import runs_of
 from ..trackers import RunTrackers, check_trackers
 from ..utils import cpu_only
 from .arguments import check_scale
+from .batching import fast_batches
 from .callbacks import MetricsLogCallback, compact_log_lines
 from .checkpoints import (
     ManifestCallback,
@@ -38,6 +39,7 @@ from .checkpoints import (
     last_complete_checkpoint,
 )
 from .divergence import DivergenceGuard, finish_diverged, nonfinite_metric_warnings
+from .evaluation import merged_evaluation
 from .family import Family, Prepared, read_recipe_data
 
 
@@ -141,7 +143,7 @@ def train(prep: Prepared, family: Family, run: RunDir, resume: bool = False, is_
     cbs = [MetricsLogCallback(run), guard, ManifestCallback(), *trackers.callbacks]
     if recipe.train.early_stop and args.eval_strategy != "no":
         cbs.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stop))
-    trainer = guard.attach(compact_log_lines(family.make_trainer(prep, args, cbs)))
+    trainer = guard.attach(merged_evaluation(fast_batches(compact_log_lines(family.make_trainer(prep, args, cbs)))))
     checkpoint = last_complete_checkpoint(run.checkpoints, warn=is_main) if resume else None
     if resume and is_main:
         run.truncate_events(checkpoint_step(checkpoint) if checkpoint else 0)
