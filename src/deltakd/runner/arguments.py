@@ -101,7 +101,6 @@ def training_arguments(t: TrainConfig, run: RunDir, report_to: list[str], metric
         per_device_eval_batch_size=t.eval_batch_size,
         gradient_accumulation_steps=t.grad_accum,
         weight_decay=t.weight_decay,
-        optim=fused_adamw(),
         warmup_steps=t.warmup_ratio,
         lr_scheduler_type=t.scheduler,
         max_grad_norm=t.max_grad_norm,
@@ -128,5 +127,6 @@ def training_arguments(t: TrainConfig, run: RunDir, report_to: list[str], metric
         disable_tqdm=False,
         save_only_model=not t.save_optimizer,
     )
+    kwargs.setdefault("optim", fused_adamw())  # train.optim when the recipe sets it
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
